@@ -1,0 +1,42 @@
+"""Data routes: validate, process (normalise + split), and upload."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, File, Form, Query, UploadFile
+
+from controller.deps import DataServiceDep
+from entity.data import ProcessRequest, ProcessResponse, UploadResponse, ValidateRequest, ValidateResponse
+from util.errors import InvalidInputError
+
+router = APIRouter(prefix="/api/data", tags=["data"])
+
+
+@router.post("/validate", response_model=ValidateResponse)
+def validate(
+    service: DataServiceDep,
+    file_path: Annotated[str | None, Query(description="Alternative to the JSON body's file_path.")] = None,
+    max_length: Annotated[int | None, Query(ge=1)] = None,
+    body: Annotated[ValidateRequest | None, Body()] = None,
+) -> ValidateResponse:
+    """Check a chat dataset's records and measure their token lengths."""
+    body = body or ValidateRequest()
+    path = body.file_path or file_path
+    if not path:
+        raise InvalidInputError("Give file_path as a query parameter or in the JSON body.")
+    return service.validate(path, body.max_length or max_length, body.model)
+
+
+@router.post("/process", response_model=ProcessResponse)
+def process(req: ProcessRequest, service: DataServiceDep) -> ProcessResponse:
+    """Normalise a dataset to messages JSONL and split it into train/val/test."""
+    return service.process(req)
+
+
+@router.post("/upload", response_model=UploadResponse, status_code=201)
+def upload(
+    service: DataServiceDep,
+    file: Annotated[UploadFile, File(description="A JSON or JSONL dataset.")],
+    overwrite: Annotated[bool, Form()] = False,
+) -> UploadResponse:
+    """Store an uploaded dataset under the data dir's uploads/ folder."""
+    return service.upload(file.filename or "", file.file, overwrite=overwrite)

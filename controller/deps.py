@@ -1,0 +1,43 @@
+"""Dependency aliases handing the lifespan's shared objects to routes."""
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.data import DataService
+from service.jobs import JobRunner
+from service.tasks import TaskStore
+from service.train.service import TrainService
+from util.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    """The app's settings."""
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> TaskStore:
+    """The task store."""
+    return request.app.state.store
+
+
+def get_runner(request: Request) -> JobRunner:
+    """The job runner."""
+    return request.app.state.runner
+
+
+def get_data_service(request: Request) -> DataService:
+    """The data service."""
+    return request.app.state.data_service
+
+
+def get_train_service(request: Request) -> TrainService:
+    """The training service."""
+    return request.app.state.train_service
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[TaskStore, Depends(get_store)]
+RunnerDep = Annotated[JobRunner, Depends(get_runner)]
+DataServiceDep = Annotated[DataService, Depends(get_data_service)]
+TrainServiceDep = Annotated[TrainService, Depends(get_train_service)]

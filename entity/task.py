@@ -1,0 +1,137 @@
+"""ORM rows for durable tasks and their events, plus the task response schemas."""
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, the only clock the store uses."""
+    return datetime.now(UTC)
+
+
+class TaskStatus(StrEnum):
+    """Lifecycle: queued -> running -> succeeded | failed | cancelled."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+ACTIVE_STATUSES = (TaskStatus.queued, TaskStatus.running)
+TERMINAL_STATUSES = (TaskStatus.succeeded, TaskStatus.failed, TaskStatus.cancelled)
+
+
+class TaskKind(StrEnum):
+    """What a task does; each kind has a handler in the worker."""
+
+    train = "train"
+    eval = "eval"
+    export = "export"
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the task store."""
+
+
+class TaskRow(Base):
+    """One background task and its latest progress."""
+
+    __tablename__ = "tasks"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True, default=TaskStatus.queued)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    current_step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    epoch: Mapped[float | None] = mapped_column(Float, nullable=True)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    learning_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tokens_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    output_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class EventRow(Base):
+    """A per-step metric record or a log line of a task."""
+
+    __tablename__ = "task_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    type: Mapped[str] = mapped_column(String(16))
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class TaskOut(BaseModel):
+    """A task as the API shows it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    kind: TaskKind
+    status: TaskStatus
+    request: dict[str, Any]
+    progress: float
+    current_step: int
+    total_steps: int | None
+    epoch: float | None
+    loss: float | None
+    learning_rate: float | None
+    tokens_per_second: float | None
+    eta_seconds: float | None
+    metrics: dict[str, Any] | None
+    error: str | None
+    output_dir: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class TaskList(BaseModel):
+    """One page of tasks, newest first."""
+
+    items: list[TaskOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class EventOut(BaseModel):
+    """One task event."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    task_id: str
+    created_at: datetime
+    type: str
+    level: str
+    message: str | None
+    data: dict[str, Any] | None
+
+
+class EventList(BaseModel):
+    """Events of a task after a given id."""
+
+    task_id: str
+    status: TaskStatus
+    items: list[EventOut]
+    next_after: int

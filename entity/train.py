@@ -1,0 +1,68 @@
+"""Request and response schemas of the training API."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class LoraConfigIn(BaseModel):
+    """PEFT LoRA hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, le=1024)
+    lora_alpha: int = Field(32, ge=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+
+
+class TrainConfig(BaseModel):
+    """Training hyperparameters; fields left out take the service defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: str | None = Field(None, description="Base model name, or a model folder inside the roots.")
+    per_device_train_batch_size: int = Field(2, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    max_steps: int | None = Field(None, ge=1, le=10_000_000)
+    num_train_epochs: float | None = Field(None, gt=0, le=10_000)
+    max_length: int | None = Field(None, ge=8, le=131_072)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    save_steps: int | None = Field(None, ge=1)
+    logging_steps: int = Field(1, ge=1)
+    seed: int = 42
+    eval_dataset_path: str | None = None
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: save_steps or 50).")
+    gradient_checkpointing: bool = False
+    assistant_only_loss: bool = Field(True, description="Compute the loss on assistant tokens only.")
+    lora_config: LoraConfigIn | None = None
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "TrainConfig":
+        """Default to one epoch; refuse max_steps and num_train_epochs together."""
+        if self.max_steps is not None and self.num_train_epochs is not None:
+            raise ValueError("give max_steps or num_train_epochs, not both")
+        return self
+
+
+class TrainRequest(BaseModel):
+    """Body of POST /api/train/start."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: str = Field(..., description="A registered strategy: 'trl' (full SFT) or 'lora'.", examples=["lora"])
+    dataset_path: str
+    output_dir: str | None = Field(None, description="Relative to the model dir; default outputs/<task_id>.")
+    overwrite: bool = Field(False, description="Allow writing into a non-empty output_dir.")
+    config: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class TrainStarted(BaseModel):
+    """Answer of POST /api/train/start."""
+
+    task_id: str
+    status: str
+    output_dir: str

@@ -1,0 +1,332 @@
+"""Dataset parsing, validation, normalisation and splitting for chat data."""
+
+import json
+import random
+import statistics
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from entity.data import (
+    LengthStats,
+    ProcessRequest,
+    ProcessResponse,
+    RecordError,
+    SplitFile,
+    UploadResponse,
+    ValidateResponse,
+)
+from service import models
+from util.errors import ConflictError, InvalidInputError, NotFoundError
+from util.paths import resolve_client_path
+from util.settings import Settings
+
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+}
+SPLIT_NAMES = ("train", "val", "test")
+
+Message = dict[str, str]
+
+
+class RecordInvalid(ValueError):
+    """A record that cannot be used for training, with the reason."""
+
+
+@dataclass
+class ParsedRecord:
+    """One raw record with its position in the file (line for JSONL, 1-based index for arrays)."""
+
+    line: int
+    obj: Any = None
+    error: str | None = None
+
+
+def read_records(path: Path) -> Iterator[ParsedRecord]:
+    """Yield records from a JSON array file or a JSONL file, reporting bad JSON per line."""
+    with path.open("r", encoding="utf-8", errors="replace") as fh:
+        head = fh.read(4096).lstrip()
+    if head.startswith("["):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        except json.JSONDecodeError as exc:
+            yield ParsedRecord(exc.lineno, error=f"bad JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})")
+            return
+        for i, obj in enumerate(data, start=1):
+            yield ParsedRecord(i, obj)
+        return
+    with path.open("r", encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield ParsedRecord(lineno, json.loads(line))
+            except json.JSONDecodeError as exc:
+                yield ParsedRecord(lineno, error=f"bad JSON: {exc.msg} (column {exc.colno})")
+
+
+def _content(value: Any, index: int) -> str:
+    """Normalise one message's content: a non-empty string with unified newlines and trimmed edges."""
+    if not isinstance(value, str):
+        raise RecordInvalid(f"message {index}: content must be a string")
+    text = value.replace("\r\n", "\n").replace("\r", "\n").strip()
+    if not text:
+        raise RecordInvalid(f"message {index}: empty content")
+    return text
+
+
+def _role(value: Any, index: int) -> str:
+    """Map a role (or ShareGPT 'from') to system/user/assistant."""
+    role = ROLE_ALIASES.get(str(value).strip().lower()) if isinstance(value, str) else None
+    if role is None:
+        raise RecordInvalid(f"message {index}: unknown role {value!r} (expected system, user or assistant)")
+    return role
+
+
+def _messages_from_turns(turns: Any, role_key: str, content_key: str) -> list[Message]:
+    """Normalise a list of turn objects that use the given role/content keys."""
+    if not isinstance(turns, list) or not turns:
+        raise RecordInvalid("conversation is empty or not a list")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RecordInvalid(f"message {i}: not an object")
+        out.append({"role": _role(turn.get(role_key), i), "content": _content(turn.get(content_key), i)})
+    return out
+
+
+def check_conversation(messages: list[Message]) -> None:
+    """Require optional leading system turns, then user/assistant alternation ending on assistant."""
+    turns = list(messages)
+    while turns and turns[0]["role"] == "system":
+        turns.pop(0)
+    if not any(m["role"] == "assistant" for m in turns):
+        raise RecordInvalid("no assistant turn")
+    for i, msg in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            where = "a system turn after the start" if msg["role"] == "system" else f"two {msg['role']} turns in a row"
+            if i == 0 and msg["role"] == "assistant":
+                where = "it starts with an assistant turn"
+            raise RecordInvalid(f"conversation does not alternate user/assistant: {where}")
+    if turns[-1]["role"] != "assistant":
+        raise RecordInvalid("conversation must end with an assistant turn")
+
+
+def normalize_record(obj: Any) -> tuple[str, list[Message]]:
+    """Detect a record's format and return (format, normalised messages); raise RecordInvalid."""
+    if not isinstance(obj, dict):
+        raise RecordInvalid("record is not a JSON object")
+    if "conversations" in obj:
+        turns = obj["conversations"]
+        first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
+        if "from" in first or "value" in first:
+            fmt, messages = "sharegpt", _messages_from_turns(turns, "from", "value")
+        else:
+            fmt, messages = "conversations", _messages_from_turns(turns, "role", "content")
+    elif "messages" in obj:
+        fmt, messages = "messages", _messages_from_turns(obj["messages"], "role", "content")
+    elif "instruction" in obj and "output" in obj:
+        fmt = "alpaca"
+        prompt = _content(obj["instruction"], 0)
+        extra = obj.get("input")
+        if isinstance(extra, str) and extra.strip():
+            prompt = f"{prompt}\n\n{extra.strip()}"
+        messages = []
+        if isinstance(obj.get("system"), str) and obj["system"].strip():
+            messages.append({"role": "system", "content": obj["system"].strip()})
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": _content(obj["output"], 1)}]
+    else:
+        raise RecordInvalid("unknown format: expected 'conversations', 'messages' or 'instruction'/'output' keys")
+    check_conversation(messages)
+    return fmt, messages
+
+
+def load_conversations(path: Path) -> list[list[Message]]:
+    """All valid conversations of a file, normalised (invalid records are skipped)."""
+    result = []
+    for rec in read_records(path):
+        if rec.error is None:
+            try:
+                result.append(normalize_record(rec.obj)[1])
+            except RecordInvalid:
+                continue
+    return result
+
+
+def _percentile(values: list[int], q: float) -> float:
+    """Linear-interpolated percentile of sorted `values`."""
+    if len(values) == 1:
+        return float(values[0])
+    pos = (len(values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def length_stats(lengths: list[int], max_length: int) -> LengthStats | None:
+    """Summarise token lengths; None when there are none."""
+    if not lengths:
+        return None
+    ordered = sorted(lengths)
+    return LengthStats(
+        min=ordered[0],
+        mean=round(statistics.fmean(ordered), 2),
+        median=float(statistics.median(ordered)),
+        p95=round(_percentile(ordered, 0.95), 2),
+        max=ordered[-1],
+        max_length=max_length,
+        over_max_length=sum(1 for n in ordered if n > max_length),
+    )
+
+
+class DataService:
+    """Validate, process and store chat datasets inside the configured roots."""
+
+    def __init__(self, settings: Settings) -> None:
+        """Bind to the settings (roots, limits, default model)."""
+        self.settings = settings
+
+    def resolve_input(self, raw: str) -> Path:
+        """Resolve a client file path inside the roots and require that it exists."""
+        path = resolve_client_path(raw, self.settings.data_dir, self.settings.roots)
+        if not path.is_file():
+            raise NotFoundError(f"File '{raw}' does not exist.", details={"path": raw})
+        return path
+
+    def validate(self, file_path: str, max_length: int | None = None, model: str | None = None) -> ValidateResponse:
+        """Check every record of a file and measure token lengths with the model's chat template."""
+        path = self.resolve_input(file_path)
+        limit = self.settings.data.max_errors_reported
+        max_length = max_length or self.settings.train.max_length
+        formats: Counter[str] = Counter()
+        errors: list[RecordError] = []
+        invalid = 0
+        total = 0
+        conversations: list[list[Message]] = []
+        for rec in read_records(path):
+            total += 1
+            reason = rec.error
+            if reason is None:
+                try:
+                    fmt, messages = normalize_record(rec.obj)
+                    formats[fmt] += 1
+                    conversations.append(messages)
+                    continue
+                except RecordInvalid as exc:
+                    reason = str(exc)
+            invalid += 1
+            if len(errors) < limit:
+                errors.append(RecordError(line=rec.line, reason=reason))
+        stats = None
+        if conversations:
+            tokenizer = models.load_tokenizer(models.resolve_model(model, self.settings))
+            lengths = [len(models.chat_token_ids(tokenizer, conv)) for conv in conversations]
+            stats = length_stats(lengths, max_length)
+        return ValidateResponse(
+            file_path=str(path),
+            valid=total > 0 and invalid == 0,
+            total=total,
+            valid_count=total - invalid,
+            invalid_count=invalid,
+            formats=dict(formats),
+            errors=errors,
+            errors_truncated=invalid > len(errors),
+            token_stats=stats,
+        )
+
+    def process(self, req: ProcessRequest) -> ProcessResponse:
+        """Normalise valid records to messages JSONL, drop duplicates, and write a seeded split."""
+        path = self.resolve_input(req.input_file)
+        out_dir = resolve_client_path(req.output_dir, self.settings.data_dir, self.settings.roots)
+        targets = {name: out_dir / f"{name}.jsonl" for name in SPLIT_NAMES}
+        existing = [str(p) for p in targets.values() if p.exists()]
+        if existing and not req.overwrite:
+            raise ConflictError(
+                'Split files already exist in output_dir; pass "overwrite": true to replace them.',
+                details={"existing": existing},
+            )
+        total = invalid = duplicates = 0
+        seen: set[str] = set()
+        kept: list[list[Message]] = []
+        for rec in read_records(path):
+            total += 1
+            if rec.error is not None:
+                invalid += 1
+                continue
+            try:
+                _, messages = normalize_record(rec.obj)
+            except RecordInvalid:
+                invalid += 1
+                continue
+            key = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            kept.append(messages)
+        if not kept:
+            raise InvalidInputError(
+                f"'{req.input_file}' has no valid records to split; run /api/data/validate to see why.",
+                details={"total": total, "invalid": invalid},
+            )
+        cfg = req.split_config
+        if cfg.shuffle:
+            random.Random(cfg.seed).shuffle(kept)
+        n = len(kept)
+        n_train = round(n * cfg.train_ratio)
+        n_val = min(round(n * cfg.val_ratio), n - n_train)
+        parts = {"train": kept[:n_train], "val": kept[n_train : n_train + n_val], "test": kept[n_train + n_val :]}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        splits = {}
+        for name, records in parts.items():
+            tmp = targets[name].with_suffix(".jsonl.tmp")
+            with tmp.open("w", encoding="utf-8") as fh:
+                for messages in records:
+                    fh.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+            tmp.replace(targets[name])  # atomic: a reader never sees a half-written split
+            splits[name] = SplitFile(path=str(targets[name]), count=len(records))
+        return ProcessResponse(
+            input_file=str(path),
+            output_dir=str(out_dir),
+            total=total,
+            kept=n,
+            invalid_dropped=invalid,
+            duplicates_dropped=duplicates,
+            splits=splits,
+        )
+
+    def upload(
+        self, filename: str, stream: BinaryIO, subdir: str = "uploads", overwrite: bool = False
+    ) -> UploadResponse:
+        """Store an uploaded file under the data dir, refusing oversize files and silent overwrites."""
+        name = Path(filename or "").name
+        if not name or name in {".", ".."}:
+            raise InvalidInputError("The uploaded file needs a file name.")
+        target = resolve_client_path(str(Path(subdir) / name), self.settings.data_dir, [self.settings.data_dir])
+        if target.exists() and not overwrite:
+            raise ConflictError(
+                f"'{target.name}' already exists in {subdir}/; pass overwrite=true to replace it.",
+                details={"file_path": str(target)},
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        limit = self.settings.data.max_upload_mb * 1024 * 1024
+        tmp = target.with_name(f".{target.name}.part")
+        size = 0
+        try:
+            with tmp.open("wb") as out:
+                while chunk := stream.read(1024 * 1024):
+                    size += len(chunk)
+                    if size > limit:
+                        raise InvalidInputError(f"The upload exceeds the {self.settings.data.max_upload_mb} MB limit.")
+                    out.write(chunk)
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return UploadResponse(file_path=str(target), size_bytes=size)

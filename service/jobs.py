@@ -1,0 +1,286 @@
+"""The job runner: a scheduler thread that runs each queued task in its own child process."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from entity.task import TaskKind, TaskRow, TaskStatus
+from service.tasks import TaskStore
+from util.errors import ConflictError
+from util.settings import PROJECT_ROOT, Settings
+
+log = logging.getLogger(__name__)
+
+RESTART_ERROR = "interrupted by server restart"
+SHUTDOWN_ERROR = "interrupted by server shutdown"
+LOG_TAIL_CHARS = 4000
+
+
+@dataclass
+class RunningJob:
+    """A child process the runner started or adopted."""
+
+    task_id: str
+    pid: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def exit_code(self) -> int | None:
+        """The exit code if the process has ended, else None."""
+        if self.proc is not None:
+            return self.proc.poll()
+        return None if pid_alive(self.pid) else -1
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (and is not a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.exists():
+        try:
+            return stat.read_text().split(") ")[-1].split()[0] != "Z"
+        except OSError:
+            return False
+    return True
+
+
+def is_worker_of(pid: int, task_id: str) -> bool:
+    """Whether `pid` is a live worker process for `task_id` (guards against pid reuse)."""
+    if not pid_alive(pid):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    try:
+        return task_id.encode() in cmdline.read_bytes()
+    except OSError:
+        return False
+
+
+def default_slots() -> int:
+    """One job per GPU, or one on CPU."""
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 - torch missing or broken means CPU
+        return 1
+
+
+def describe_exit(code: int) -> str:
+    """A readable reason for a child's exit code."""
+    if code < 0:
+        sig = -code
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        hint = " (possibly killed for running out of memory)" if sig == signal.SIGKILL else ""
+        return f"worker process was killed by signal {name}{hint}"
+    return f"worker process exited with code {code}"
+
+
+def read_tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
+    """The last `chars` characters of a log file, or '' if absent."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - chars))
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+class JobRunner:
+    """Starts queued tasks while slots are free, watches children, and cancels them."""
+
+    def __init__(self, settings: Settings, store: TaskStore) -> None:
+        """Bind to settings and the task store; call start() to begin scheduling."""
+        self.settings = settings
+        self.store = store
+        self.slots = settings.jobs.max_concurrent_jobs or default_slots()
+        self.log_dir = settings.data_dir / "logs"
+        self._running: dict[str, RunningJob] = {}
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Recover tasks left by a previous server and start the scheduler thread."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.recover()
+        self._thread = threading.Thread(target=self._loop, name="job-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop scheduling and end every running child (marking its task failed)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with self._lock:
+            jobs = list(self._running.values())
+        for job in jobs:
+            self._kill(job)
+            self.store.transition(job.task_id, TaskStatus.failed, (TaskStatus.running,), error=SHUTDOWN_ERROR)
+        with self._lock:
+            self._running.clear()
+
+    def recover(self) -> None:
+        """Adopt live workers of running tasks; fail those whose process is gone."""
+        for task in self.store.with_status(TaskStatus.running):
+            if task.pid and is_worker_of(task.pid, task.id):
+                log.info("adopting live worker pid=%s of task %s", task.pid, task.id)
+                self._running[task.id] = RunningJob(task.id, task.pid, self.log_path(task.id))
+                continue
+            self.store.transition(task.id, TaskStatus.failed, (TaskStatus.running,), error=RESTART_ERROR)
+            self.store.add_event(task.id, "status", RESTART_ERROR, {"status": "failed"}, level="error")
+
+    # -- public API ------------------------------------------------------------------------
+    def submit(
+        self, kind: TaskKind, request: dict, output_dir: str | None = None, task_id: str | None = None
+    ) -> TaskRow:
+        """Queue a task and wake the scheduler."""
+        task = self.store.create(kind, request, output_dir, task_id)
+        self.store.add_event(task.id, "status", "queued", {"status": "queued"})
+        self._wake.set()
+        return task
+
+    def cancel(self, task_id: str) -> TaskRow:
+        """Cancel a queued or running task; a finished one raises ConflictError."""
+        task = self.store.get(task_id)
+        if task.status == TaskStatus.queued:
+            if self.store.transition(task_id, TaskStatus.cancelled, (TaskStatus.queued,)):
+                self.store.add_event(task_id, "status", "cancelled", {"status": "cancelled"})
+                return self.store.get(task_id)
+            task = self.store.get(task_id)
+        if task.status == TaskStatus.running:
+            with self._lock:
+                # Mark first so the reaper does not report the kill as a crash.
+                moved = self.store.transition(task_id, TaskStatus.cancelled, (TaskStatus.running,))
+                job = self._running.pop(task_id, None)
+            if job is not None:
+                self._kill(job)
+            elif task.pid and is_worker_of(task.pid, task_id):
+                self._kill(RunningJob(task_id, task.pid, self.log_path(task_id)))
+            if moved:
+                self.store.add_event(task_id, "status", "cancelled", {"status": "cancelled"})
+                self._wake.set()
+                return self.store.get(task_id)
+            task = self.store.get(task_id)
+        raise ConflictError(
+            f"Task '{task_id}' is already {task.status}; only queued or running tasks can be cancelled.",
+            details={"task_id": task_id, "status": task.status},
+        )
+
+    def active_count(self) -> int:
+        """How many children are running now."""
+        with self._lock:
+            return len(self._running)
+
+    def log_path(self, task_id: str) -> Path:
+        """Where a task's child writes its stdout and stderr."""
+        return self.log_dir / f"{task_id}.log"
+
+    # -- scheduler -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        """Reap finished children and start queued tasks until stopped."""
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("scheduler tick failed")
+            self._wake.wait(self.settings.jobs.poll_interval)
+            self._wake.clear()
+
+    def tick(self) -> None:
+        """One scheduling pass: reap, then fill free slots in queue order."""
+        self._reap()
+        with self._lock:
+            free = self.slots - len(self._running)
+        if free <= 0:
+            return
+        for task in self.store.with_status(TaskStatus.queued)[:free]:
+            self._spawn(task)
+
+    def _reap(self) -> None:
+        """Record the end of every child that has exited."""
+        with self._lock:
+            jobs = list(self._running.values())
+        for job in jobs:
+            code = job.exit_code()
+            if code is None:
+                continue
+            with self._lock:
+                self._running.pop(job.task_id, None)
+            reason = describe_exit(code)
+            tail = read_tail(job.log_path)
+            error = f"{reason}\n{tail}".strip() if tail else reason
+            # Only fires if the child died without recording its own outcome.
+            if self.store.transition(job.task_id, TaskStatus.failed, (TaskStatus.running,), error=error):
+                self.store.add_event(job.task_id, "status", reason, {"status": "failed"}, level="error")
+
+    def _spawn(self, task: TaskRow) -> None:
+        """Start a child process for a queued task."""
+        log_path = self.log_path(task.id)
+        env = {
+            **os.environ,
+            "WT_SETTINGS_JSON": self.settings.model_dump_json(),
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        with self._lock:
+            # Claim the task before starting; the lock keeps a concurrent cancel from slipping between.
+            if not self.store.transition(task.id, TaskStatus.running, (TaskStatus.queued,)):
+                return
+            try:
+                with log_path.open("ab") as out:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "service.worker", "--task-id", task.id],
+                        cwd=PROJECT_ROOT,
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,  # its own process group, so cancel can kill all of it
+                    )
+            except OSError as exc:
+                self.store.transition(
+                    task.id, TaskStatus.failed, (TaskStatus.running,), error=f"could not start worker: {exc}"
+                )
+                return
+            self._running[task.id] = RunningJob(task.id, proc.pid, log_path, proc)
+            self.store.set_pid(task.id, proc.pid)
+        self.store.add_event(task.id, "status", "running", {"status": "running", "pid": proc.pid})
+        log.info("started task %s (%s) as pid %s", task.id, task.kind, proc.pid)
+
+    def _kill(self, job: RunningJob) -> None:
+        """Terminate a child's whole process group: SIGTERM, then SIGKILL after the grace period."""
+        try:
+            pgid = os.getpgid(job.pid)
+        except ProcessLookupError:
+            return
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + self.settings.jobs.cancel_grace_seconds
+        while time.monotonic() < deadline:
+            if (job.proc.poll() is not None) if job.proc else not pid_alive(job.pid):
+                break
+            time.sleep(0.1)
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if job.proc is not None:
+            job.proc.wait(timeout=5)

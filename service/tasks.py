@@ -1,0 +1,194 @@
+"""The durable task store: SQLite through SQLAlchemy, shared by the server and job processes."""
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from entity.task import (
+    ACTIVE_STATUSES,
+    Base,
+    EventRow,
+    TaskKind,
+    TaskRow,
+    TaskStatus,
+    utcnow,
+)
+from util.errors import NotFoundError
+
+PROGRESS_FIELDS = {
+    "progress",
+    "current_step",
+    "total_steps",
+    "epoch",
+    "loss",
+    "learning_rate",
+    "tokens_per_second",
+    "eta_seconds",
+}
+
+
+def make_engine(db_path: Path) -> Engine:
+    """Create an engine for one process: WAL mode and a busy timeout so several processes can write."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(f"sqlite:///{db_path}", connect_args={"timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    Base.metadata.create_all(engine)
+    return engine
+
+
+class TaskStore:
+    """CRUD and atomic status transitions for tasks and their events."""
+
+    def __init__(self, db_path: Path) -> None:
+        """Open (and create if needed) the store at `db_path`."""
+        self.engine = make_engine(db_path)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on error."""
+        with self._sessions() as s, s.begin():
+            yield s
+
+    @staticmethod
+    def new_id() -> str:
+        """A fresh task id."""
+        return uuid.uuid4().hex
+
+    def create(
+        self, kind: TaskKind, request: dict[str, Any], output_dir: str | None = None, task_id: str | None = None
+    ) -> TaskRow:
+        """Insert a queued task."""
+        row = TaskRow(
+            id=task_id or self.new_id(),
+            kind=kind,
+            status=TaskStatus.queued,
+            request=request,
+            output_dir=output_dir,
+            created_at=utcnow(),
+        )
+        with self.session() as s:
+            s.add(row)
+        return row
+
+    def get(self, task_id: str) -> TaskRow:
+        """Return a task or raise NotFoundError."""
+        with self.session() as s:
+            row = s.get(TaskRow, task_id)
+        if row is None:
+            raise NotFoundError(f"Task '{task_id}' does not exist.", details={"task_id": task_id})
+        return row
+
+    def page(
+        self,
+        status: TaskStatus | None = None,
+        kind: TaskKind | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[TaskRow], int]:
+        """A page of tasks, newest first, and the total matching count."""
+        query = select(TaskRow)
+        count = select(func.count()).select_from(TaskRow)
+        if status is not None:
+            query = query.where(TaskRow.status == status)
+            count = count.where(TaskRow.status == status)
+        if kind is not None:
+            query = query.where(TaskRow.kind == kind)
+            count = count.where(TaskRow.kind == kind)
+        query = query.order_by(TaskRow.created_at.desc(), TaskRow.id).limit(limit).offset(offset)
+        with self.session() as s:
+            rows = list(s.scalars(query))
+            total = s.scalar(count) or 0
+        return rows, total
+
+    def active_with_output(self, output_dir: str) -> list[TaskRow]:
+        """Queued or running tasks that write to `output_dir`."""
+        query = select(TaskRow).where(
+            TaskRow.output_dir == output_dir, TaskRow.status.in_([s.value for s in ACTIVE_STATUSES])
+        )
+        with self.session() as s:
+            return list(s.scalars(query))
+
+    def with_status(self, status: TaskStatus) -> list[TaskRow]:
+        """All tasks in one status, oldest first (the scheduler's queue order)."""
+        with self.session() as s:
+            return list(s.scalars(select(TaskRow).where(TaskRow.status == status).order_by(TaskRow.created_at)))
+
+    def counts(self) -> dict[str, int]:
+        """Number of tasks per status, plus the total."""
+        with self.session() as s:
+            rows = s.execute(select(TaskRow.status, func.count()).group_by(TaskRow.status)).all()
+        result = {status.value: 0 for status in TaskStatus}
+        result.update({status: n for status, n in rows})
+        result["total"] = sum(n for _, n in rows)
+        return result
+
+    def transition(
+        self,
+        task_id: str,
+        to: TaskStatus,
+        allowed_from: tuple[TaskStatus, ...],
+        **fields: Any,
+    ) -> bool:
+        """Atomically move a task to `to` only if it is in `allowed_from`; return whether it moved."""
+        values: dict[str, Any] = {"status": to, **fields}
+        if to == TaskStatus.running:
+            values.setdefault("started_at", utcnow())
+        if to not in ACTIVE_STATUSES:
+            values.setdefault("finished_at", utcnow())
+        stmt = (
+            update(TaskRow)
+            .where(TaskRow.id == task_id, TaskRow.status.in_([s.value for s in allowed_from]))
+            .values(**values)
+        )
+        with self.session() as s:
+            return s.execute(stmt).rowcount == 1
+
+    def set_pid(self, task_id: str, pid: int) -> None:
+        """Record the pid of a task's worker process."""
+        with self.session() as s:
+            s.execute(update(TaskRow).where(TaskRow.id == task_id).values(pid=pid))
+
+    def update_progress(self, task_id: str, **fields: Any) -> None:
+        """Write the latest progress fields of a running task."""
+        unknown = set(fields) - PROGRESS_FIELDS
+        if unknown:
+            raise ValueError(f"Not progress fields: {sorted(unknown)}")
+        with self.session() as s:
+            s.execute(update(TaskRow).where(TaskRow.id == task_id).values(**fields))
+
+    def add_event(
+        self,
+        task_id: str,
+        type_: str,
+        message: str | None = None,
+        data: dict[str, Any] | None = None,
+        level: str = "info",
+    ) -> int:
+        """Append an event to a task and return its id."""
+        row = EventRow(task_id=task_id, type=type_, message=message, data=data, level=level, created_at=utcnow())
+        with self.session() as s:
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def events(self, task_id: str, after: int = 0, limit: int = 1000) -> list[EventRow]:
+        """Events of a task with id greater than `after`, oldest first."""
+        query = (
+            select(EventRow).where(EventRow.task_id == task_id, EventRow.id > after).order_by(EventRow.id).limit(limit)
+        )
+        with self.session() as s:
+            return list(s.scalars(query))

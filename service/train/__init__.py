@@ -1,0 +1,1 @@
+"""Training: strategy registry, request checks, and the worker-side runner."""

@@ -1,0 +1,80 @@
+"""The training service: checks a train request up front, then queues it as a task."""
+
+from pathlib import Path
+
+from entity.task import TaskKind, TaskRow
+from entity.train import TrainRequest
+from service import models
+from service.data import load_conversations
+from service.jobs import JobRunner
+from service.train.strategies import STRATEGIES
+from util.errors import ConflictError, InvalidInputError, NotFoundError
+from util.paths import resolve_client_path
+from util.settings import Settings
+
+
+class TrainService:
+    """Validates train requests against the sandbox and the store, and submits them to the runner."""
+
+    def __init__(self, settings: Settings, runner: JobRunner) -> None:
+        """Bind to settings and the job runner."""
+        self.settings = settings
+        self.runner = runner
+
+    def _dataset(self, raw: str, field: str) -> Path:
+        """Resolve a dataset path and require at least one valid conversation in it."""
+        path = resolve_client_path(raw, self.settings.data_dir, self.settings.roots)
+        if not path.is_file():
+            raise NotFoundError(f"{field} '{raw}' does not exist.", details={field: raw})
+        if not load_conversations(path):
+            raise InvalidInputError(
+                f"{field} '{raw}' has no valid conversations; run /api/data/validate to see why.",
+                details={field: raw},
+            )
+        return path
+
+    def _output_dir(self, raw: str | None, task_id: str, overwrite: bool) -> Path:
+        """Resolve the output folder and refuse one that is busy or (without overwrite) not empty."""
+        if raw is None:
+            path = self.settings.model_dir / "outputs" / task_id
+        else:
+            path = resolve_client_path(raw, self.settings.model_dir, self.settings.roots)
+        if path.exists() and not path.is_dir():
+            raise ConflictError(f"output_dir '{path}' is a file.", details={"output_dir": str(path)})
+        busy = self.runner.store.active_with_output(str(path))
+        if busy:
+            raise ConflictError(
+                f"Task {busy[0].id} is already writing to '{path}'.",
+                details={"output_dir": str(path), "task_id": busy[0].id},
+            )
+        if path.is_dir() and any(path.iterdir()) and not overwrite:
+            raise ConflictError(
+                f"output_dir '{path}' is not empty; choose another or pass \"overwrite\": true.",
+                details={"output_dir": str(path)},
+            )
+        return path
+
+    def start(self, req: TrainRequest) -> TaskRow:
+        """Check everything that can be checked now, then queue the training task."""
+        if req.strategy not in STRATEGIES:
+            raise InvalidInputError(
+                f"Unknown strategy '{req.strategy}'; choose one of {sorted(STRATEGIES)}.",
+                details={"strategy": req.strategy},
+            )
+        dataset = self._dataset(req.dataset_path, "dataset_path")
+        eval_dataset = None
+        if req.config.eval_dataset_path:
+            eval_dataset = self._dataset(req.config.eval_dataset_path, "eval_dataset_path")
+        model_path = models.resolve_model(req.config.model_path, self.settings)
+        task_id = self.runner.store.new_id()
+        output_dir = self._output_dir(req.output_dir, task_id, req.overwrite)
+        request = {
+            "train": req.model_dump(),
+            "resolved": {
+                "dataset_path": str(dataset),
+                "eval_dataset_path": str(eval_dataset) if eval_dataset else None,
+                "model_path": str(model_path),
+                "output_dir": str(output_dir),
+            },
+        }
+        return self.runner.submit(TaskKind.train, request, str(output_dir), task_id)

@@ -1,0 +1,72 @@
+"""Entry point of a task's child process: `python -m service.worker --task-id ID`."""
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from entity.task import TaskKind, TaskStatus
+from service.tasks import TaskStore
+from util.settings import Settings
+
+TRACEBACK_LINES = 30
+
+Handler = Callable[[Settings, TaskStore, str, dict[str, Any]], dict[str, Any]]
+
+
+def _train_handler(settings: Settings, store: TaskStore, task_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Run a training task (imported lazily: it pulls in torch and TRL)."""
+    from service.train.runner import run_training
+
+    return run_training(settings, store, task_id, request)
+
+
+HANDLERS: dict[str, Handler] = {TaskKind.train: _train_handler}
+
+
+def format_error(exc: BaseException) -> str:
+    """A readable message followed by the tail of the traceback."""
+    tb = traceback.format_exception(exc)
+    tail = "".join(tb).splitlines()[-TRACEBACK_LINES:]
+    return f"{type(exc).__name__}: {exc}\n" + "\n".join(tail)
+
+
+def run_task(settings: Settings, task_id: str) -> int:
+    """Execute one claimed task and record its outcome; return the process exit code."""
+    store = TaskStore(settings.paths.db_path)
+    task = store.get(task_id)
+    if task.status != TaskStatus.running:
+        return 0  # cancelled between claim and start: nothing to do
+    handler = HANDLERS.get(task.kind)
+    try:
+        if handler is None:
+            raise ValueError(f"No handler for task kind '{task.kind}'.")
+        metrics = handler(settings, store, task_id, task.request)
+    except BaseException as exc:  # noqa: BLE001 - every failure must land in the store
+        error = format_error(exc)
+        if store.transition(task_id, TaskStatus.failed, (TaskStatus.running,), error=error):
+            store.add_event(task_id, "status", f"failed: {type(exc).__name__}: {exc}", {"status": "failed"}, "error")
+        return 1
+    if store.transition(task_id, TaskStatus.succeeded, (TaskStatus.running,), metrics=metrics, progress=100.0):
+        store.add_event(task_id, "status", "succeeded", {"status": "succeeded", "metrics": metrics})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, load the settings the server passed, and run the task."""
+    parser = argparse.ArgumentParser(description="Run one background task.")
+    parser.add_argument("--task-id", required=True)
+    args = parser.parse_args(argv)
+    settings = Settings.model_validate_json(os.environ["WT_SETTINGS_JSON"])
+    logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    # SIGTERM from cancel: exit promptly; the server has already marked the task cancelled.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    return run_task(settings, args.task_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

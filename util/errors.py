@@ -1,0 +1,44 @@
+"""Domain errors raised by services and mapped to HTTP responses in one handler."""
+
+from typing import Any
+
+
+class AppError(Exception):
+    """Base class for errors a client can act on."""
+
+    status_code: int = 400
+    error_type: str = "bad_request"
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        """Store a readable message and optional structured details."""
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidInputError(AppError):
+    """The request is well-formed but its content is unusable."""
+
+    status_code = 422
+    error_type = "invalid_input"
+
+
+class NotFoundError(AppError):
+    """A referenced task, file or model does not exist."""
+
+    status_code = 404
+    error_type = "not_found"
+
+
+class ConflictError(AppError):
+    """The request conflicts with the current state (e.g. cancelling a finished task)."""
+
+    status_code = 409
+    error_type = "conflict"
+
+
+class ForbiddenPathError(AppError):
+    """A client path resolves outside the configured roots."""
+
+    status_code = 403
+    error_type = "forbidden_path"

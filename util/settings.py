@@ -1,0 +1,143 @@
+"""Settings: config.yaml, overridden by WT_* environment variables, overridden by CLI flags."""
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "config.yaml"
+VERSION = "0.1.0"
+
+
+class ServerSettings(BaseModel):
+    """Where the HTTP server listens and how loudly it logs."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8801, ge=1, le=65535)
+    log_level: str = "info"
+
+
+class PathSettings(BaseModel):
+    """On-disk locations; relative paths resolve against the config file's folder."""
+
+    data_dir: Path = Path("data")
+    model_dir: Path = Path("model")
+    db_path: Path = Path("data/tasks.db")
+    allowed_roots: list[Path] = Field(default_factory=list)
+
+
+class ModelSettings(BaseModel):
+    """The default base model: a folder name under model_dir/base, or a path."""
+
+    base_model: str = "SmolLM2-135M-Instruct"
+
+
+class JobSettings(BaseModel):
+    """Background task scheduling."""
+
+    max_concurrent_jobs: int | None = Field(None, ge=1)
+    poll_interval: float = Field(0.5, gt=0)
+    cancel_grace_seconds: float = Field(5.0, ge=0)
+
+
+class TrainSettings(BaseModel):
+    """Defaults for train requests that leave a field out."""
+
+    max_length: int = Field(1024, ge=8)
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)
+
+
+class DataSettings(BaseModel):
+    """Limits for the data API."""
+
+    max_upload_mb: int = Field(512, ge=1)
+    max_errors_reported: int = Field(50, ge=1)
+
+
+class Settings(BaseSettings):
+    """All service settings; see config.yaml for each one's meaning."""
+
+    model_config = SettingsConfigDict(env_prefix="WT_", env_nested_delimiter="__", extra="forbid")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    paths: PathSettings = Field(default_factory=PathSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Let environment variables win over the YAML values passed as init kwargs."""
+        return env_settings, init_settings
+
+    @property
+    def data_dir(self) -> Path:
+        """The resolved data directory."""
+        return self.paths.data_dir
+
+    @property
+    def model_dir(self) -> Path:
+        """The resolved model store."""
+        return self.paths.model_dir
+
+    @property
+    def roots(self) -> list[Path]:
+        """Every root a client path may resolve into."""
+        return [self.paths.data_dir, self.paths.model_dir, *self.paths.allowed_roots]
+
+    @property
+    def database_url(self) -> str:
+        """SQLAlchemy URL of the task store."""
+        return f"sqlite:///{self.paths.db_path}"
+
+    def base_model_path(self) -> Path:
+        """Resolve the configured base model to a directory."""
+        name = self.models.base_model
+        candidate = Path(name)
+        if candidate.is_absolute():
+            return candidate
+        return self.model_dir / "base" / name
+
+    def with_resolved_paths(self, anchor: Path) -> "Settings":
+        """Return a copy whose relative paths are anchored at `anchor`."""
+
+        def fix(p: Path) -> Path:
+            return (p if p.is_absolute() else anchor / p).resolve()
+
+        paths = self.paths.model_copy(
+            update={
+                "data_dir": fix(self.paths.data_dir),
+                "model_dir": fix(self.paths.model_dir),
+                "db_path": fix(self.paths.db_path),
+                "allowed_roots": [fix(p) for p in self.paths.allowed_roots],
+            }
+        )
+        return self.model_copy(update={"paths": paths})
+
+
+def load_settings(config_path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Load config.yaml (or `config_path`), apply WT_* env vars, then `overrides` like {"server": {"port": 1}}."""
+    path = Path(config_path) if config_path else DEFAULT_CONFIG
+    raw: dict[str, Any] = {}
+    if path.exists():
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    elif config_path:
+        raise FileNotFoundError(f"Config file not found: {path}")
+    settings = Settings(**raw)
+    for section, values in (overrides or {}).items():
+        current = getattr(settings, section)
+        updated = current.model_validate({**current.model_dump(), **values})
+        settings = settings.model_copy(update={section: updated})
+    return settings.with_resolved_paths(path.resolve().parent)
