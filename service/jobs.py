@@ -269,8 +269,11 @@ class JobRunner:
             pgid = os.getpgid(job.pid)
         except ProcessLookupError:
             return
+        # Never signal our own group (an adopted process may share it); kill just that pid then.
+        kill = os.kill if pgid == os.getpgrp() else os.killpg
+        target = job.pid if pgid == os.getpgrp() else pgid
         try:
-            os.killpg(pgid, signal.SIGTERM)
+            kill(target, signal.SIGTERM)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + self.settings.jobs.cancel_grace_seconds
@@ -279,7 +282,7 @@ class JobRunner:
                 break
             time.sleep(0.1)
         try:
-            os.killpg(pgid, signal.SIGKILL)
+            kill(target, signal.SIGKILL)
         except ProcessLookupError:
             pass
         if job.proc is not None:

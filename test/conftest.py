@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, tmp settings, and a TestClient."""
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from main import create_app
+from util.settings import PROJECT_ROOT, Settings, load_settings
+
+REAL_BASE = PROJECT_ROOT / "model" / "base" / "SmolLM2-135M-Instruct"
+SAMPLE = PROJECT_ROOT / "test" / "data" / "train_sample.json"
+TINY_NAME = "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store holding base/tiny-llama: 2 layers, hidden 64, random weights, the real tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if not (REAL_BASE / "tokenizer_config.json").exists():
+        pytest.fail("The default model is not prepared; run `make model` (the test command does).")
+    root = tmp_path_factory.mktemp("model_store")
+    out = root / "base" / TINY_NAME
+    tok = AutoTokenizer.from_pretrained(str(REAL_BASE))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return root
+
+
+def make_settings(tmp_path: Path, model_root: Path, **jobs: object) -> Settings:
+    """Settings rooted in tmp dirs, with the tiny model as the base model."""
+    data_dir = tmp_path / "data"
+    return load_settings(
+        PROJECT_ROOT / "config.yaml",
+        {
+            "paths": {"data_dir": data_dir, "model_dir": model_root, "db_path": tmp_path / "tasks.db"},
+            "models": {"base_model": TINY_NAME},
+            "jobs": {"poll_interval": 0.2, "cancel_grace_seconds": 2.0, "max_concurrent_jobs": 1, **jobs},
+            "train": {"max_length": 256},
+        },
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_model_root: Path) -> Settings:
+    """Per-test settings with a fresh data dir and task DB."""
+    return make_settings(tmp_path, tiny_model_root)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    """A TestClient running the app's lifespan (store, scheduler)."""
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def write_jsonl(path: Path, records: list[object]) -> Path:
+    """Write records as JSONL (strings are written as raw lines)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def wait_for(client: TestClient, task_id: str, until: set[str], timeout: float = 180.0) -> dict:
+    """Poll a task's status until it is in `until` (or fail after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        task = client.get(f"/api/train/status/{task_id}").json()
+        if task["status"] in until:
+            return task
+        time.sleep(0.3)
+    pytest.fail(f"task {task_id} did not reach {until}; last: {task['status']} {task.get('error')}")

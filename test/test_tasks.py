@@ -1,0 +1,103 @@
+"""Task store and job runner: atomic transitions, restart recovery, queue order, exit reasons."""
+
+import signal
+import subprocess
+import sys
+import time
+
+from fastapi.testclient import TestClient
+
+from entity.task import TaskKind, TaskStatus
+from main import create_app
+from service.jobs import RESTART_ERROR, describe_exit, is_worker_of
+from service.tasks import TaskStore
+
+
+def test_transitions_are_conditional(tmp_path):
+    store = TaskStore(tmp_path / "t.db")
+    task = store.create(TaskKind.train, {"x": 1})
+    assert store.get(task.id).status == TaskStatus.queued
+    assert store.transition(task.id, TaskStatus.running, (TaskStatus.queued,))
+    assert not store.transition(task.id, TaskStatus.running, (TaskStatus.queued,))
+    assert store.transition(task.id, TaskStatus.cancelled, (TaskStatus.running,))
+    # A worker finishing after a cancel must not overwrite it.
+    assert not store.transition(task.id, TaskStatus.succeeded, (TaskStatus.running,))
+    row = store.get(task.id)
+    assert row.status == TaskStatus.cancelled and row.started_at and row.finished_at
+
+
+def test_page_filters_and_orders_newest_first(tmp_path):
+    store = TaskStore(tmp_path / "t.db")
+    ids = [store.create(TaskKind.train, {}).id for _ in range(3)]
+    other = store.create(TaskKind.eval, {}).id
+    rows, total = store.page(kind=TaskKind.train, limit=2)
+    assert total == 3 and [r.id for r in rows] == ids[::-1][:2]
+    rows, total = store.page(limit=10, offset=1)
+    assert total == 4 and other not in [r.id for r in rows]
+    assert store.counts()["queued"] == 4
+
+
+def test_events_after_id(tmp_path):
+    store = TaskStore(tmp_path / "t.db")
+    task = store.create(TaskKind.train, {})
+    first = store.add_event(task.id, "log", "a")
+    store.add_event(task.id, "log", "b")
+    assert [e.message for e in store.events(task.id, after=first)] == ["b"]
+
+
+def test_restart_fails_orphaned_running_tasks_and_resumes_queue(settings):
+    store = TaskStore(settings.paths.db_path)
+    orphan = store.create(TaskKind.train, {})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.transition(orphan.id, TaskStatus.running, (TaskStatus.queued,))
+    store.set_pid(orphan.id, dead.pid)
+    waiting = store.create(TaskKind.train, {"not": "a train request"})
+    with TestClient(create_app(settings)) as client:
+        task = client.get(f"/api/train/status/{orphan.id}").json()
+        assert task["status"] == "failed"
+        assert task["error"] == RESTART_ERROR
+        # The queued task is still picked up after the restart (and fails on its bad request).
+        deadline = time.monotonic() + 60
+        while (queued := client.get(f"/api/train/status/{waiting.id}").json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert queued["status"] == "failed"
+        assert "KeyError" in queued["error"]
+
+
+def test_restart_adopts_a_live_worker_which_can_be_cancelled(settings):
+    store = TaskStore(settings.paths.db_path)
+    task = store.create(TaskKind.train, {})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "--task-id", task.id], start_new_session=True
+    )
+    try:
+        store.transition(task.id, TaskStatus.running, (TaskStatus.queued,))
+        store.set_pid(task.id, proc.pid)
+        with TestClient(create_app(settings)) as client:
+            assert client.get(f"/api/train/status/{task.id}").json()["status"] == "running"
+            assert client.get("/health").json()["jobs"]["active"] == 1
+            r = client.post(f"/api/train/cancel/{task.id}")
+            assert r.status_code == 200 and r.json()["status"] == "cancelled"
+            proc.wait(timeout=10)
+            assert proc.returncode == -signal.SIGTERM
+    finally:
+        proc.kill()
+
+
+def test_is_worker_of_checks_the_command_line():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "marker-abc"])
+    try:
+        assert is_worker_of(proc.pid, "marker-abc")
+        assert not is_worker_of(proc.pid, "another-task")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not is_worker_of(proc.pid, "marker-abc")
+
+
+def test_describe_exit():
+    assert describe_exit(3) == "worker process exited with code 3"
+    assert "SIGKILL" in describe_exit(-signal.SIGKILL) and "memory" in describe_exit(-signal.SIGKILL)
+    assert "SIGSEGV" in describe_exit(-signal.SIGSEGV)
