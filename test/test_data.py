@@ -144,7 +144,7 @@ def _process(client, out: str, seed: int = 7, **extra):
 
 
 def test_process_splits_normalises_and_drops(client, settings):
-    records = _records(20) + [SHAREGPT, SHAREGPT, "{bad json", {"messages": [{"role": "user", "content": "q"}]}]
+    records = [*_records(20), SHAREGPT, SHAREGPT, "{bad json", {"messages": [{"role": "user", "content": "q"}]}]
     write_jsonl(settings.data_dir / "in.jsonl", records)
     r = _process(client, "split_a")
     assert r.status_code == 200, r.text
