@@ -31,11 +31,12 @@ class RunningJob:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
 
-    def exit_code(self) -> int | None:
-        """The exit code if the process has ended, else None."""
-        if self.proc is not None:
-            return self.proc.poll()
-        return None if pid_alive(self.pid) else -1
+    def end_reason(self) -> str | None:
+        """Why the process ended, or None while it runs."""
+        if self.proc is None:  # adopted after a restart: not our child, so no exit status
+            return None if pid_alive(self.pid) else "worker process ended (exit status unknown after a server restart)"
+        code = self.proc.poll()
+        return None if code is None else describe_exit(code)
 
 
 def pid_alive(pid: int) -> bool:
@@ -217,12 +218,11 @@ class JobRunner:
         with self._lock:
             jobs = list(self._running.values())
         for job in jobs:
-            code = job.exit_code()
-            if code is None:
+            reason = job.end_reason()
+            if reason is None:
                 continue
             with self._lock:
                 self._running.pop(job.task_id, None)
-            reason = describe_exit(code)
             tail = read_tail(job.log_path)
             error = f"{reason}\n{tail}".strip() if tail else reason
             # Only fires if the child died without recording its own outcome.
