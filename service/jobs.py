@@ -131,8 +131,10 @@ class JobRunner:
         with self._lock:
             jobs = list(self._running.values())
         for job in jobs:
+            # Mark first, so the worker's own report of the SIGTERM does not win the race.
+            if self.store.transition(job.task_id, TaskStatus.failed, (TaskStatus.running,), error=SHUTDOWN_ERROR):
+                self.store.add_event(job.task_id, "status", SHUTDOWN_ERROR, {"status": "failed"}, level="error")
             self._kill(job)
-            self.store.transition(job.task_id, TaskStatus.failed, (TaskStatus.running,), error=SHUTDOWN_ERROR)
         with self._lock:
             self._running.clear()
 

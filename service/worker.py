@@ -28,6 +28,15 @@ def _train_handler(settings: Settings, store: TaskStore, task_id: str, request: 
 HANDLERS: dict[str, Handler] = {TaskKind.train: _train_handler}
 
 
+class Terminated(BaseException):
+    """Raised in the worker when it receives SIGTERM (cancel, or server shutdown)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """Unwind the task promptly; the server has already recorded why it stopped us."""
+    raise Terminated("worker process received SIGTERM")
+
+
 def format_error(exc: BaseException) -> str:
     """A readable message followed by the tail of the traceback."""
     tb = traceback.format_exception(exc)
@@ -46,6 +55,9 @@ def run_task(settings: Settings, task_id: str) -> int:
         if handler is None:
             raise ValueError(f"No handler for task kind '{task.kind}'.")
         metrics = handler(settings, store, task_id, task.request)
+    except Terminated as exc:
+        store.transition(task_id, TaskStatus.failed, (TaskStatus.running,), error=str(exc))
+        return 143
     except BaseException as exc:  # noqa: BLE001 - every failure must land in the store
         error = format_error(exc)
         if store.transition(task_id, TaskStatus.failed, (TaskStatus.running,), error=error):
@@ -63,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings.model_validate_json(os.environ["WT_SETTINGS_JSON"])
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    # SIGTERM from cancel: exit promptly; the server has already marked the task cancelled.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _on_sigterm)
     return run_task(settings, args.task_id)
 
 

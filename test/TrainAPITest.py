@@ -67,11 +67,19 @@ def run(base_url: str, steps: int, strategies: list[str], timeout: float, api_ke
         print(f"    server {health.get('version')} on {health.get('device', {}).get('type')}")
         files = {"file": (f"train_sample_{run_id}.json", SAMPLE.read_bytes(), "application/json")}
         up = expect(checks, "POST /api/data/upload", client.post("/api/data/upload", files=files), 201)
-        report = expect(checks, "POST /api/data/validate", client.post("/api/data/validate", json={"file_path": up.get("file_path")}), 200)
+        report = expect(
+            checks,
+            "POST /api/data/validate",
+            client.post("/api/data/validate", json={"file_path": up.get("file_path")}),
+            200,
+        )
         checks.record("sample data is valid", bool(report.get("valid")), f"{report.get('valid_count')} records")
         split_dir = f"api_test/{run_id}"
-        body = {"input_file": up.get("file_path"), "output_dir": split_dir,
-                "split_config": {"train_ratio": 0.8, "val_ratio": 0.1, "test_ratio": 0.1, "seed": 42}}
+        body = {
+            "input_file": up.get("file_path"),
+            "output_dir": split_dir,
+            "split_config": {"train_ratio": 0.8, "val_ratio": 0.1, "test_ratio": 0.1, "seed": 42},
+        }
         processed = expect(checks, "POST /api/data/process", client.post("/api/data/process", json=body), 200)
         train_file = processed.get("splits", {}).get("train", {}).get("path")
         for strategy in strategies:
@@ -79,11 +87,16 @@ def run(base_url: str, steps: int, strategies: list[str], timeout: float, api_ke
                 "strategy": strategy,
                 "dataset_path": train_file,
                 "output_dir": f"outputs/api_test_{run_id}_{strategy}",
-                "config": {"max_steps": steps, "per_device_train_batch_size": 2, "learning_rate": 1e-4,
-                           "lora_config": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear",
-                                           "lora_dropout": 0.05}},
+                "config": {
+                    "max_steps": steps,
+                    "per_device_train_batch_size": 2,
+                    "learning_rate": 1e-4,
+                    "lora_config": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.05},
+                },
             }
-            started = expect(checks, f"POST /api/train/start ({strategy})", client.post("/api/train/start", json=request), 202)
+            started = expect(
+                checks, f"POST /api/train/start ({strategy})", client.post("/api/train/start", json=request), 202
+            )
             if "task_id" not in started:
                 continue
             task = poll(client, started["task_id"], timeout)

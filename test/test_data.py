@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from conftest import SAMPLE, write_jsonl
 
 CONV = {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}

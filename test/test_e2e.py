@@ -24,7 +24,11 @@ def _free_port() -> int:
 def live_server(tmp_path, tiny_model_root) -> Iterator[str]:
     """Start `python main.py --config ... --port N` and wait for /health."""
     cfg = {
-        "paths": {"data_dir": str(tmp_path / "data"), "model_dir": str(tiny_model_root), "db_path": str(tmp_path / "t.db")},
+        "paths": {
+            "data_dir": str(tmp_path / "data"),
+            "model_dir": str(tiny_model_root),
+            "db_path": str(tmp_path / "t.db"),
+        },
         "models": {"base_model": TINY_NAME},
         "jobs": {"poll_interval": 0.2},
     }
@@ -34,7 +38,9 @@ def live_server(tmp_path, tiny_model_root) -> Iterator[str]:
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "main.py", "--config", str(config), "--port", str(port), "--log-level", "warning"],
-        cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
+        cwd=PROJECT_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -55,7 +61,10 @@ def live_server(tmp_path, tiny_model_root) -> Iterator[str]:
 def test_train_api_script_against_live_server(live_server):
     result = subprocess.run(
         [sys.executable, "test/TrainAPITest.py", "--base-url", live_server, "--steps", "3", "--timeout", "180"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=400,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 failed" in result.stdout

@@ -1,7 +1,6 @@
 """Health, settings precedence, and the CLI's flags."""
 
 from conftest import TINY_NAME
-
 from main import parse_args
 from util.settings import PROJECT_ROOT, load_settings
 

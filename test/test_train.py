@@ -6,10 +6,10 @@ import signal
 import time
 
 import pytest
-from conftest import SAMPLE, wait_for, write_jsonl
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from conftest import SAMPLE, wait_for, write_jsonl
 from service import models
 from service.jobs import pid_alive
 
@@ -213,3 +213,23 @@ def test_unknown_task_is_404(client):
         r = client.get(path)
         assert r.status_code == 404
         assert r.json()["error"]["type"] == "not_found"
+
+
+def test_server_shutdown_stops_workers_and_records_why(settings):
+    from fastapi.testclient import TestClient
+
+    from main import create_app
+    from service.jobs import SHUTDOWN_ERROR
+
+    with TestClient(create_app(settings)) as client:
+        _prepare_splits(client)
+        task_id = _start(client, config={**FAST, "max_steps": 100000}).json()["task_id"]
+        deadline = time.monotonic() + 120
+        while client.get(f"/api/train/status/{task_id}").json()["current_step"] < 1:
+            assert time.monotonic() < deadline, "training never made a step"
+            time.sleep(0.3)
+        pid = client.app.state.store.get(task_id).pid
+        store = client.app.state.store
+    assert not pid_alive(pid)
+    task = store.get(task_id)
+    assert (task.status, task.error) == ("failed", SHUTDOWN_ERROR)
