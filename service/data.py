@@ -226,7 +226,7 @@ class DataService:
                 errors.append(RecordError(line=rec.line, reason=reason))
         stats = None
         if conversations:
-            tokenizer = models.load_tokenizer(models.resolve_model(model, self.settings))
+            tokenizer = models.load_tokenizer(models.tokenizer_dir(models.resolve_model(model, self.settings)))
             lengths = [len(models.chat_token_ids(tokenizer, conv)) for conv in conversations]
             stats = length_stats(lengths, max_length)
         return ValidateResponse(

@@ -132,8 +132,7 @@ class JobRunner:
             jobs = list(self._running.values())
         for job in jobs:
             # Mark first, so the worker's own report of the SIGTERM does not win the race.
-            if self.store.transition(job.task_id, TaskStatus.failed, (TaskStatus.running,), error=SHUTDOWN_ERROR):
-                self.store.add_event(job.task_id, "status", SHUTDOWN_ERROR, {"status": "failed"}, level="error")
+            self.store.move(job.task_id, TaskStatus.failed, (TaskStatus.running,), SHUTDOWN_ERROR, error=SHUTDOWN_ERROR)
             self._kill(job)
         with self._lock:
             self._running.clear()
@@ -145,8 +144,7 @@ class JobRunner:
                 log.info("adopting live worker pid=%s of task %s", task.pid, task.id)
                 self._running[task.id] = RunningJob(task.id, task.pid, self.log_path(task.id))
                 continue
-            self.store.transition(task.id, TaskStatus.failed, (TaskStatus.running,), error=RESTART_ERROR)
-            self.store.add_event(task.id, "status", RESTART_ERROR, {"status": "failed"}, level="error")
+            self.store.move(task.id, TaskStatus.failed, (TaskStatus.running,), RESTART_ERROR, error=RESTART_ERROR)
 
     # -- public API ------------------------------------------------------------------------
     def submit(
@@ -162,21 +160,19 @@ class JobRunner:
         """Cancel a queued or running task; a finished one raises ConflictError."""
         task = self.store.get(task_id)
         if task.status == TaskStatus.queued:
-            if self.store.transition(task_id, TaskStatus.cancelled, (TaskStatus.queued,)):
-                self.store.add_event(task_id, "status", "cancelled", {"status": "cancelled"})
+            if self.store.move(task_id, TaskStatus.cancelled, (TaskStatus.queued,)):
                 return self.store.get(task_id)
             task = self.store.get(task_id)
         if task.status == TaskStatus.running:
             with self._lock:
                 # Mark first so the reaper does not report the kill as a crash.
-                moved = self.store.transition(task_id, TaskStatus.cancelled, (TaskStatus.running,))
+                moved = self.store.move(task_id, TaskStatus.cancelled, (TaskStatus.running,))
                 job = self._running.pop(task_id, None)
             if job is not None:
                 self._kill(job)
             elif task.pid and is_worker_of(task.pid, task_id):
                 self._kill(RunningJob(task_id, task.pid, self.log_path(task_id)))
             if moved:
-                self.store.add_event(task_id, "status", "cancelled", {"status": "cancelled"})
                 self._wake.set()
                 return self.store.get(task_id)
             task = self.store.get(task_id)
@@ -184,11 +180,6 @@ class JobRunner:
             f"Task '{task_id}' is already {task.status}; only queued or running tasks can be cancelled.",
             details={"task_id": task_id, "status": task.status},
         )
-
-    def active_count(self) -> int:
-        """How many children are running now."""
-        with self._lock:
-            return len(self._running)
 
     def log_path(self, task_id: str) -> Path:
         """Where a task's child writes its stdout and stderr."""
@@ -228,8 +219,7 @@ class JobRunner:
             tail = read_tail(job.log_path)
             error = f"{reason}\n{tail}".strip() if tail else reason
             # Only fires if the child died without recording its own outcome.
-            if self.store.transition(job.task_id, TaskStatus.failed, (TaskStatus.running,), error=error):
-                self.store.add_event(job.task_id, "status", reason, {"status": "failed"}, level="error")
+            self.store.move(job.task_id, TaskStatus.failed, (TaskStatus.running,), reason, error=error)
 
     def _spawn(self, task: TaskRow) -> None:
         """Start a child process for a queued task."""

@@ -60,6 +60,13 @@ def adapter_base(path: Path) -> str:
     return cfg.get("base_model_name_or_path") or ""
 
 
+def tokenizer_dir(path: Path) -> Path:
+    """Where a model's tokenizer lives: its own folder, or an adapter's base when the adapter has none."""
+    if is_adapter_dir(path) and not (path / "tokenizer_config.json").exists():
+        return Path(adapter_base(path))
+    return path
+
+
 @lru_cache(maxsize=8)
 def load_tokenizer(path: Path) -> Any:
     """Load (and cache) a tokenizer, giving it a pad token if it lacks one."""
@@ -132,14 +139,18 @@ def load_causal_lm(path: Path, dtype: str, device: str) -> Any:
     return model.to(device)
 
 
-def load_for_training(path: Path, dtype: str, device: str) -> Any:
-    """Load a model to train; an adapter folder is loaded on its base with its adapter trainable."""
+def load_for_training(path: Path, dtype: str, device: str, keep_adapter: bool) -> Any:
+    """Load a model to train; an adapter folder loads on its base, kept trainable or merged into it."""
     if not is_adapter_dir(path):
         return load_causal_lm(path, dtype, device)
     from peft import PeftModel
 
     base = load_causal_lm(Path(adapter_base(path)), dtype, device)
-    return PeftModel.from_pretrained(base, str(path), is_trainable=True)
+    model = PeftModel.from_pretrained(base, str(path), is_trainable=keep_adapter)
+    if keep_adapter:
+        return model
+    # PEFT froze the base weights when it attached the adapter; a full fine-tune needs them trainable.
+    return model.merge_and_unload().requires_grad_(True)
 
 
 def default_gguf() -> Path:

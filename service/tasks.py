@@ -157,6 +157,24 @@ class TaskStore:
         with self.session() as s:
             return s.execute(stmt).rowcount == 1
 
+    def move(
+        self,
+        task_id: str,
+        to: TaskStatus,
+        allowed_from: tuple[TaskStatus, ...],
+        message: str | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Transition like `transition` and, if the task moved, record a status event."""
+        moved = self.transition(task_id, to, allowed_from, **fields)
+        if moved:
+            data: dict[str, Any] = {"status": to.value}
+            if fields.get("metrics"):
+                data["metrics"] = fields["metrics"]
+            level = "error" if to == TaskStatus.failed else "info"
+            self.add_event(task_id, "status", message or to.value, data, level=level)
+        return moved
+
     def set_pid(self, task_id: str, pid: int) -> None:
         """Record the pid of a task's worker process."""
         with self.session() as s:

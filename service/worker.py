@@ -56,15 +56,15 @@ def run_task(settings: Settings, task_id: str) -> int:
             raise ValueError(f"No handler for task kind '{task.kind}'.")
         metrics = handler(settings, store, task_id, task.request)
     except Terminated as exc:
-        store.transition(task_id, TaskStatus.failed, (TaskStatus.running,), error=str(exc))
+        store.move(task_id, TaskStatus.failed, (TaskStatus.running,), str(exc), error=str(exc))
         return 143
     except BaseException as exc:  # noqa: BLE001 - every failure must land in the store
         error = format_error(exc)
-        if store.transition(task_id, TaskStatus.failed, (TaskStatus.running,), error=error):
-            store.add_event(task_id, "status", f"failed: {type(exc).__name__}: {exc}", {"status": "failed"}, "error")
+        store.move(
+            task_id, TaskStatus.failed, (TaskStatus.running,), f"failed: {type(exc).__name__}: {exc}", error=error
+        )
         return 1
-    if store.transition(task_id, TaskStatus.succeeded, (TaskStatus.running,), metrics=metrics, progress=100.0):
-        store.add_event(task_id, "status", "succeeded", {"status": "succeeded", "metrics": metrics})
+    store.move(task_id, TaskStatus.succeeded, (TaskStatus.running,), metrics=metrics, progress=100.0)
     return 0
 
 

@@ -233,3 +233,22 @@ def test_server_shutdown_stops_workers_and_records_why(settings):
     assert not pid_alive(pid)
     task = store.get(task_id)
     assert (task.status, task.error) == ("failed", SHUTDOWN_ERROR)
+
+
+def test_adapter_as_model_continues_lora_or_merges_for_full_sft(client, settings):
+    _prepare_splits(client)
+    first = _start(client, output_dir="outputs/first", config={**FAST, "max_steps": 2}).json()["task_id"]
+    assert wait_for(client, first, {"succeeded", "failed"})["status"] == "succeeded"
+    adapter = settings.model_dir / "outputs" / "first"
+    cont = _start(client, output_dir="outputs/cont", config={**FAST, "max_steps": 2, "model_path": "outputs/first"})
+    full = _start(
+        client, strategy="trl", output_dir="outputs/full", config={**FAST, "max_steps": 2, "model_path": str(adapter)}
+    )
+    for r in (cont, full):
+        assert r.status_code == 202, r.text
+        task = wait_for(client, r.json()["task_id"], {"succeeded", "failed"})
+        assert task["status"] == "succeeded", task["error"]
+    assert models.is_adapter_dir(settings.model_dir / "outputs" / "cont")
+    merged = settings.model_dir / "outputs" / "full"
+    assert not models.is_adapter_dir(merged) and (merged / "model.safetensors").exists()
+    assert AutoModelForCausalLM.from_pretrained(merged) is not None

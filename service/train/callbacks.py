@@ -11,7 +11,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from service.tasks import TaskStore
 
 
-def _finite(value: Any) -> float | None:
+def finite(value: Any) -> float | None:
     """A JSON-safe float, or None for missing/NaN/inf."""
     if value is None:
         return None
@@ -45,7 +45,7 @@ class StoreProgressCallback(TrainerCallback):
             current_step=step,
             total_steps=state.max_steps,
             progress=round(min(100.0, 100.0 * step / total), 2),
-            epoch=_finite(state.epoch),
+            epoch=finite(state.epoch),
             tokens_per_second=round(tokens / elapsed, 2) if tokens else None,
             eta_seconds=round(elapsed / step * (total - step), 1) if step else None,
         )
@@ -66,7 +66,7 @@ class StoreProgressCallback(TrainerCallback):
             fh.write(json.dumps(record) + "\n")
         if "loss" in logs:
             self.store.update_progress(
-                self.task_id, loss=_finite(logs.get("loss")), learning_rate=_finite(logs.get("learning_rate"))
+                self.task_id, loss=finite(logs.get("loss")), learning_rate=finite(logs.get("learning_rate"))
             )
             self.store.add_event(self.task_id, "metrics", f"step {state.global_step}: loss {logs['loss']:.4f}", record)
         elif "eval_loss" in logs:
@@ -89,7 +89,7 @@ class StoreProgressCallback(TrainerCallback):
 def _json(value: Any) -> Any:
     """Make a log value JSON-safe."""
     if isinstance(value, float):
-        return _finite(value)
+        return finite(value)
     if isinstance(value, (int, str, bool)) or value is None:
         return value
     return str(value)

@@ -10,6 +10,7 @@ from entity.train import TrainConfig, TrainRequest
 from service import models
 from service.data import load_conversations
 from service.tasks import TaskStore
+from service.train.callbacks import StoreProgressCallback, finite
 from service.train.strategies import STRATEGIES
 from util.settings import Settings
 
@@ -70,8 +71,6 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
     """Train as the request says, save the result to output_dir, and return the final metrics."""
     from trl import SFTTrainer
 
-    from service.train.callbacks import StoreProgressCallback
-
     req = TrainRequest.model_validate(request["train"])
     resolved = request["resolved"]
     output_dir = Path(resolved["output_dir"])
@@ -81,8 +80,7 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
     device, dtype = models.pick_device()
     store.add_event(task_id, "log", f"loading {model_path.name} on {device} ({dtype}) with strategy '{req.strategy}'")
 
-    tok_path = model_path if (model_path / "tokenizer_config.json").exists() else Path(models.adapter_base(model_path))
-    tokenizer = models.load_tokenizer(tok_path)
+    tokenizer = models.load_tokenizer(models.tokenizer_dir(model_path))
     train_ds = build_dataset(Path(resolved["dataset_path"]), tokenizer, req.config.assistant_only_loss)
     eval_ds = None
     if resolved.get("eval_dataset_path"):
@@ -92,7 +90,8 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
     )
 
     model = strategy.load_model(model_path, dtype, device)
-    peft_config = strategy.peft_config(req.config)
+    # An adapter given as the model is already a trainable PeftModel: no second adapter on top.
+    peft_config = None if hasattr(model, "peft_config") else strategy.peft_config(req.config)
     args = build_sft_config(settings, req.config, output_dir, eval_ds is not None, dtype)
     log_file = output_dir / "trainer_log.jsonl"
     trainer = SFTTrainer(
@@ -104,7 +103,8 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
         peft_config=peft_config,
         callbacks=[StoreProgressCallback(store, task_id, log_file)],
     )
-    if peft_config is not None:
+    is_adapter = hasattr(trainer.model, "peft_config")
+    if is_adapter:
         trainable, total = trainer.model.get_nb_trainable_parameters()
         store.add_event(task_id, "log", f"trainable parameters: {trainable:,} of {total:,}")
     result = trainer.train()
@@ -125,15 +125,20 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
         ),
         encoding="utf-8",
     )
-    metrics: dict[str, Any] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    metrics["final_loss"] = _last_loss(trainer.state.log_history)
+    metrics = numeric_metrics(result.metrics)
+    metrics["final_loss"] = finite(_last_loss(trainer.state.log_history))
     metrics["global_step"] = trainer.state.global_step
     metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
     if eval_ds is not None:
-        metrics.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
-    store.add_event(task_id, "log", f"saved {'adapter' if peft_config else 'model'} to {output_dir}")
+        metrics.update(numeric_metrics(trainer.evaluate()))
+    store.add_event(task_id, "log", f"saved {'adapter' if is_adapter else 'model'} to {output_dir}")
     log.info("task %s done in pid %s", task_id, os.getpid())
     return metrics
+
+
+def numeric_metrics(values: dict[str, Any]) -> dict[str, Any]:
+    """Keep the numeric metrics, with NaN/inf as None so the result stays valid JSON."""
+    return {k: (v if isinstance(v, int) else finite(v)) for k, v in values.items() if isinstance(v, (int, float))}
 
 
 def _last_loss(history: list[dict[str, Any]]) -> float | None:

@@ -13,9 +13,11 @@ class TrlSftStrategy:
     name: ClassVar[str] = "trl"
     description: ClassVar[str] = "full fine-tune with TRL SFTTrainer"
 
+    keeps_adapter: ClassVar[bool] = False
+
     def load_model(self, path: Path, dtype: str, device: str) -> Any:
-        """Load the model whose weights will be trained."""
-        return models.load_for_training(path, dtype, device)
+        """Load the model whose weights will be trained (an adapter given as the model is merged first)."""
+        return models.load_for_training(path, dtype, device, keep_adapter=self.keeps_adapter)
 
     def peft_config(self, config: TrainConfig) -> Any:
         """No adapter: every weight is trained."""
@@ -27,6 +29,7 @@ class LoraStrategy(TrlSftStrategy):
 
     name: ClassVar[str] = "lora"
     description: ClassVar[str] = "LoRA adapter with PEFT on the same SFTTrainer"
+    keeps_adapter: ClassVar[bool] = True  # an adapter given as the model keeps training
 
     def peft_config(self, config: TrainConfig) -> Any:
         """Build the LoraConfig from the request (defaults: r=16, alpha=32, all-linear)."""
