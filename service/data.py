@@ -31,6 +31,7 @@ ROLE_ALIASES = {
     "gpt": "assistant",
 }
 SPLIT_NAMES = ("train", "val", "test")
+UPLOAD_DIR = "uploads"
 
 Message = dict[str, str]
 
@@ -302,17 +303,15 @@ class DataService:
             splits=splits,
         )
 
-    def upload(
-        self, filename: str, stream: BinaryIO, subdir: str = "uploads", overwrite: bool = False
-    ) -> UploadResponse:
+    def upload(self, filename: str, stream: BinaryIO, overwrite: bool = False) -> UploadResponse:
         """Store an uploaded file under the data dir, refusing oversize files and silent overwrites."""
         name = Path(filename or "").name
         if not name or name in {".", ".."}:
             raise InvalidInputError("The uploaded file needs a file name.")
-        target = resolve_client_path(str(Path(subdir) / name), self.settings.data_dir, [self.settings.data_dir])
+        target = resolve_client_path(f"{UPLOAD_DIR}/{name}", self.settings.data_dir, [self.settings.data_dir])
         if target.exists() and not overwrite:
             raise ConflictError(
-                f"'{target.name}' already exists in {subdir}/; pass overwrite=true to replace it.",
+                f"'{target.name}' already exists in {UPLOAD_DIR}/; pass overwrite=true to replace it.",
                 details={"file_path": str(target)},
             )
         target.parent.mkdir(parents=True, exist_ok=True)

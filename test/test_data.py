@@ -217,3 +217,14 @@ def test_sample_dataset_is_valid(client, settings):
     body = validate(client, up.json()["file_path"]).json()
     assert body["valid"] is True
     assert body["total"] >= 30
+
+
+def test_upload_over_the_size_limit_is_refused_and_leaves_nothing(client, settings):
+    assert settings.data.max_upload_mb == 512
+    client.app.state.data_service.settings = settings.model_copy(
+        update={"data": settings.data.model_copy(update={"max_upload_mb": 1})}
+    )
+    r = client.post("/api/data/upload", files={"file": ("big.jsonl", b"x" * (1024 * 1024 + 1))})
+    assert r.status_code == 422
+    assert "1 MB limit" in r.json()["error"]["message"]
+    assert list((settings.data_dir / "uploads").iterdir()) == []
