@@ -46,15 +46,19 @@ def tiny_model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def make_settings(tmp_path: Path, model_root: Path, **jobs: object) -> Settings:
-    """Settings rooted in tmp dirs, with the tiny model as the base model."""
+def make_settings(tmp_path: Path, model_root: Path) -> Settings:
+    """Settings rooted in per-test tmp dirs; the model store links the shared tiny base model."""
     data_dir = tmp_path / "data"
+    model_dir = tmp_path / "model"
+    model_dir.mkdir(exist_ok=True)
+    if not (model_dir / "base").exists():
+        (model_dir / "base").symlink_to(model_root / "base", target_is_directory=True)
     return load_settings(
         PROJECT_ROOT / "config.yaml",
         {
-            "paths": {"data_dir": data_dir, "model_dir": model_root, "db_path": tmp_path / "tasks.db"},
+            "paths": {"data_dir": data_dir, "model_dir": model_dir, "db_path": tmp_path / "tasks.db"},
             "models": {"base_model": TINY_NAME},
-            "jobs": {"poll_interval": 0.2, "cancel_grace_seconds": 2.0, "max_concurrent_jobs": 1, **jobs},
+            "jobs": {"poll_interval": 0.2, "cancel_grace_seconds": 2.0, "max_concurrent_jobs": 1},
             "train": {"max_length": 256},
         },
     )
