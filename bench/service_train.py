@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from entity.task import TaskKind, TaskStatus
+from entity.train import TrainRequest
 from service.tasks import TaskStore
+from service.train.service import task_request
 from service.worker import run_task
 from util.settings import load_settings
 
@@ -67,26 +69,20 @@ def run_one(work: Path, model: Path, strategy: str, steps: int, batch: int, max_
         },
     )
     store = TaskStore(settings.paths.db_path)
-    train = {
-        "strategy": strategy,
-        "dataset_path": str(work / "data" / "train.jsonl"),
-        "config": {
-            "max_steps": steps,
-            "per_device_train_batch_size": batch,
-            "learning_rate": 1e-4,
-            "lora_config": {"r": 16, "lora_alpha": 32},
-        },
-    }
+    req = TrainRequest.model_validate(
+        {
+            "strategy": strategy,
+            "dataset_path": str(work / "data" / "train.jsonl"),
+            "config": {
+                "max_steps": steps,
+                "per_device_train_batch_size": batch,
+                "learning_rate": 1e-4,
+                "lora_config": {"r": 16, "lora_alpha": 32},
+            },
+        }
+    )
     out = work / "models" / "outputs" / strategy
-    request = {
-        "train": train,
-        "resolved": {
-            "dataset_path": train["dataset_path"],
-            "eval_dataset_path": None,
-            "model_path": str(model),
-            "output_dir": str(out),
-        },
-    }
+    request = task_request(req, Path(req.dataset_path), None, model, out)
     task = store.create(TaskKind.train, request, str(out))
     store.transition(task.id, TaskStatus.running, (TaskStatus.queued,))
     gc.collect()  # free the previous strategy's model so its memory is not counted in this peak

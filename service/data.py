@@ -246,6 +246,10 @@ class DataService:
         """Normalise valid records to messages JSONL, drop duplicates, and write a seeded split."""
         path = self.resolve_input(req.input_file)
         out_dir = resolve_client_path(req.output_dir, self.settings.data_dir, self.settings.roots)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConflictError(
+                f"output_dir '{req.output_dir}' is a file, not a folder.", details={"output_dir": str(out_dir)}
+            )
         targets = {name: out_dir / f"{name}.jsonl" for name in SPLIT_NAMES}
         existing = [str(p) for p in targets.values() if p.exists()]
         if existing and not req.overwrite:

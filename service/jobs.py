@@ -262,8 +262,8 @@ class JobRunner:
         except ProcessLookupError:
             return
         # Never signal our own group (an adopted process may share it); kill just that pid then.
-        kill = os.kill if pgid == os.getpgrp() else os.killpg
-        target = job.pid if pgid == os.getpgrp() else pgid
+        own_group = pgid == os.getpgrp()
+        kill, target = (os.kill, job.pid) if own_group else (os.killpg, pgid)
         try:
             kill(target, signal.SIGTERM)
         except ProcessLookupError:

@@ -193,6 +193,15 @@ def test_process_ratio_errors_and_overwrite(client, settings):
     assert _process(client, "same", overwrite=True).status_code == 200
 
 
+def test_process_into_a_file_is_409(client, settings):
+    write_jsonl(settings.data_dir / "in.jsonl", _records(5))
+    (settings.data_dir / "taken").write_text("not a folder")
+    r = _process(client, "taken")
+    assert r.status_code == 409
+    assert "is a file" in r.json()["error"]["message"]
+    assert (settings.data_dir / "taken").read_text() == "not a folder"
+
+
 def test_process_with_no_valid_records_is_422(client, settings):
     write_jsonl(settings.data_dir / "in.jsonl", ["{nope", {"text": "x"}])
     r = _process(client, "empty")

@@ -1,6 +1,7 @@
 """The training service: checks a train request up front, then queues it as a task."""
 
 from pathlib import Path
+from typing import Any
 
 from entity.task import TaskKind, TaskRow
 from entity.train import TrainRequest
@@ -11,6 +12,21 @@ from service.train.strategies import STRATEGIES
 from util.errors import ConflictError, InvalidInputError, NotFoundError
 from util.paths import resolve_client_path
 from util.settings import Settings
+
+
+def task_request(
+    req: TrainRequest, dataset: Path, eval_dataset: Path | None, model_path: Path, output_dir: Path
+) -> dict[str, Any]:
+    """The stored request of a train task: what the client asked, plus the paths it resolved to."""
+    return {
+        "train": req.model_dump(),
+        "resolved": {
+            "dataset_path": str(dataset),
+            "eval_dataset_path": str(eval_dataset) if eval_dataset else None,
+            "model_path": str(model_path),
+            "output_dir": str(output_dir),
+        },
+    }
 
 
 class TrainService:
@@ -68,13 +84,5 @@ class TrainService:
         model_path = models.resolve_model(req.config.model_path, self.settings)
         task_id = self.runner.store.new_id()
         output_dir = self._output_dir(req.output_dir, task_id, req.overwrite)
-        request = {
-            "train": req.model_dump(),
-            "resolved": {
-                "dataset_path": str(dataset),
-                "eval_dataset_path": str(eval_dataset) if eval_dataset else None,
-                "model_path": str(model_path),
-                "output_dir": str(output_dir),
-            },
-        }
+        request = task_request(req, dataset, eval_dataset, model_path, output_dir)
         return self.runner.submit(TaskKind.train, request, str(output_dir), task_id)

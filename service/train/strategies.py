@@ -12,7 +12,6 @@ class TrlSftStrategy:
 
     name: ClassVar[str] = "trl"
     description: ClassVar[str] = "full fine-tune with TRL SFTTrainer"
-
     keeps_adapter: ClassVar[bool] = False
 
     def load_model(self, path: Path, dtype: str, device: str) -> Any:
