@@ -63,7 +63,13 @@ def adapter_base(path: Path) -> str:
 def tokenizer_dir(path: Path) -> Path:
     """Where a model's tokenizer lives: its own folder, or an adapter's base when the adapter has none."""
     if is_adapter_dir(path) and not (path / "tokenizer_config.json").exists():
-        return Path(adapter_base(path))
+        base = Path(adapter_base(path))
+        if not is_model_dir(base):
+            raise NotFoundError(
+                f"The adapter at '{path.name}' has no tokenizer and its base model '{base}' was not found.",
+                details={"model": str(path), "base_model": str(base)},
+            )
+        return base
     return path
 
 

@@ -237,3 +237,13 @@ def test_upload_over_the_size_limit_is_refused_and_leaves_nothing(client, settin
     assert r.status_code == 422
     assert "1 MB limit" in r.json()["error"]["message"]
     assert list((settings.data_dir / "uploads").iterdir()) == []
+
+
+def test_validate_with_an_adapter_whose_base_is_gone_is_404(client, settings):
+    write_jsonl(settings.data_dir / "d.jsonl", [CONV])
+    orphan = settings.model_dir / "orphan"
+    orphan.mkdir()
+    (orphan / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/nowhere/base"}))
+    r = client.post("/api/data/validate", json={"file_path": "d.jsonl", "model": "orphan"})
+    assert r.status_code == 404
+    assert "base model" in r.json()["error"]["message"]
