@@ -10,11 +10,12 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from controller import data, health, train
+from controller import data, health, inference, openai_api, train
 from controller.errors import install_error_handlers
 from service.data import DataService
+from service.inference import InferenceService
 from service.jobs import JobRunner
-from service.models import device_info
+from service.models import ModelCache, device_info
 from service.tasks import TaskStore
 from service.train.service import TrainService
 from util.settings import VERSION, Settings, load_settings
@@ -36,6 +37,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.runner = runner
         app.state.data_service = DataService(settings)
         app.state.train_service = TrainService(settings, runner)
+        app.state.model_cache = ModelCache(settings.inference.cache_size)
+        app.state.inference_service = InferenceService(settings, store, app.state.model_cache)
         app.state.device = device_info()
         app.state.started = time.monotonic()
         runner.start()
@@ -49,11 +52,11 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="Win-Train",
         version=VERSION,
-        description="Self-hosted LLM training management: data, training tasks, and more.",
+        description="Self-hosted LLM training management: data, training, inference and an OpenAI-compatible API.",
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (health, data, train):
+    for module in (health, data, train, inference, openai_api):
         app.include_router(module.router)
     return app
 

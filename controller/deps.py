@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.data import DataService
+from service.inference import InferenceService
 from service.jobs import JobRunner
 from service.tasks import TaskStore
 from service.train.service import TrainService
@@ -36,8 +37,14 @@ def get_train_service(request: Request) -> TrainService:
     return request.app.state.train_service
 
 
+def get_inference_service(request: Request) -> InferenceService:
+    """The inference service."""
+    return request.app.state.inference_service
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[TaskStore, Depends(get_store)]
 RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 DataServiceDep = Annotated[DataService, Depends(get_data_service)]
 TrainServiceDep = Annotated[TrainService, Depends(get_train_service)]
+InferenceServiceDep = Annotated[InferenceService, Depends(get_inference_service)]

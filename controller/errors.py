@@ -14,10 +14,14 @@ from util.errors import AppError
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, type_: str, message: str, details: Any = None) -> JSONResponse:
-    """The single JSON error shape."""
-    body = {"error": {"type": type_, "message": message, "details": jsonable_encoder(details)}}
-    return JSONResponse(status_code=status, content=body)
+def error_response(
+    status: int, type_: str, message: str, details: Any = None, request: Request | None = None
+) -> JSONResponse:
+    """The single JSON error shape; under /v1 it also carries OpenAI's `code` and `param` keys."""
+    error: dict[str, Any] = {"type": type_, "message": message, "details": jsonable_encoder(details)}
+    if request is not None and request.url.path.startswith("/v1/"):
+        error.update(code=type_, param=None)
+    return JSONResponse(status_code=status, content={"error": error})
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> str:
@@ -33,20 +37,20 @@ def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers on an app."""
 
     @app.exception_handler(AppError)
-    async def _app_error(_: Request, exc: AppError) -> JSONResponse:
-        return error_response(exc.status_code, exc.error_type, exc.message, exc.details)
+    async def _app_error(request: Request, exc: AppError) -> JSONResponse:
+        return error_response(exc.status_code, exc.error_type, exc.message, exc.details, request)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-        return error_response(422, "validation_error", _validation_message(errors), errors)
+        return error_response(422, "validation_error", _validation_message(errors), errors, request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, type_, str(exc.detail))
+        return error_response(exc.status_code, type_, str(exc.detail), request=request)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}", request=request)

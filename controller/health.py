@@ -13,7 +13,7 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health", response_model=HealthOut)
 def health(request: Request, store: StoreDep, runner: RunnerDep) -> HealthOut:
-    """Service status, version, uptime, device and job counts."""
+    """Service status, version, uptime, device, job counts and inference counters."""
     counts = store.counts()
     return HealthOut(
         status="ok",
@@ -26,5 +26,10 @@ def health(request: Request, store: StoreDep, runner: RunnerDep) -> HealthOut:
             "queued": counts["queued"],
             "total": counts["total"],
             "slots": runner.slots,
+        },
+        inference={
+            **request.app.state.inference_service.stats,
+            "cached_models": len(request.app.state.model_cache.keys()),
+            "model_loads": request.app.state.model_cache.loads,
         },
     )

@@ -14,3 +14,4 @@ class HealthOut(BaseModel):
     device: dict[str, Any]
     base_model: str
     jobs: dict[str, int]
+    inference: dict[str, int]

@@ -3,14 +3,21 @@
 import importlib.metadata
 import json
 import logging
+import re
 import shutil
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from util.errors import InvalidInputError, NotFoundError
+from util.errors import ConflictError, InvalidInputError, NotFoundError
 from util.paths import resolve_client_path
 from util.settings import Settings
+
+if TYPE_CHECKING:
+    from service.tasks import TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,35 @@ def resolve_model(identifier: str | None, settings: Settings) -> Path:
             details={"model": identifier},
         )
     return path
+
+
+TASK_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def resolve_model_ref(identifier: str | None, settings: Settings, store: "TaskStore") -> Path:
+    """Like resolve_model, but also accept the id of a finished train task (its output folder)."""
+    if identifier and TASK_ID.match(identifier):
+        try:
+            task = store.get(identifier)
+        except NotFoundError:
+            task = None
+        if task is not None:
+            if task.kind != "train":
+                raise InvalidInputError(
+                    f"Task '{identifier}' is a {task.kind} task, not a training task.", details={"model": identifier}
+                )
+            if task.status != "succeeded":
+                raise ConflictError(
+                    f"Train task '{identifier}' is {task.status}; only a succeeded task's model can be used.",
+                    details={"model": identifier, "status": task.status},
+                )
+            path = Path(task.output_dir or "")
+            if not is_model_dir(path):
+                raise NotFoundError(
+                    f"The output of train task '{identifier}' is gone from {path}.", details={"model": identifier}
+                )
+            return path
+    return resolve_model(identifier, settings)
 
 
 def adapter_base(path: Path) -> str:
@@ -157,6 +193,120 @@ def load_for_training(path: Path, dtype: str, device: str, keep_adapter: bool) -
         return model
     # PEFT froze the base weights when it attached the adapter; a full fine-tune needs them trainable.
     return model.merge_and_unload().requires_grad_(True)
+
+
+def load_for_inference(path: Path, dtype: str, device: str) -> Any:
+    """Load a model to serve in eval mode; an adapter is merged into its base for plain-model decode speed."""
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        base = load_causal_lm(Path(adapter_base(path)), dtype, device)
+        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    else:
+        model = load_causal_lm(path, dtype, device)
+    return model.eval().requires_grad_(False)
+
+
+@dataclass
+class LoadedModel:
+    """A served model with its tokenizer and what generation needs to know about it."""
+
+    path: Path
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+    context_length: int
+    eos_token_ids: set[int] = field(default_factory=set)
+
+
+def context_length(model: Any, tokenizer: Any) -> int:
+    """The longest sequence a model takes: its position limit, else the tokenizer's declared maximum."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit:
+        return int(limit)
+    declared = getattr(tokenizer, "model_max_length", None)
+    return int(declared) if declared and declared < 10**8 else 2048
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every token id that ends a generation (generation config, model config, tokenizer)."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class ModelCache:
+    """An LRU cache of served models keyed by (base, adapter, dtype, device); a model is loaded once."""
+
+    def __init__(self, size: int) -> None:
+        """Keep at most `size` models loaded."""
+        self.size = size
+        self.loads = 0
+        self._items: OrderedDict[tuple[str, str | None, str, str], LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._key_locks: dict[tuple[str, str | None, str, str], threading.Lock] = {}
+
+    @staticmethod
+    def key(path: Path, dtype: str, device: str) -> tuple[str, str | None, str, str]:
+        """The cache key of a model folder: an adapter is keyed by its base and itself."""
+        if is_adapter_dir(path):
+            return adapter_base(path), str(path), dtype, device
+        return str(path), None, dtype, device
+
+    def keys(self) -> list[tuple[str, str | None, str, str]]:
+        """Cached keys, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
+    def get(self, path: Path) -> LoadedModel:
+        """Return the loaded model for a folder, loading it (once, even under concurrency) if needed."""
+        device, dtype = pick_device()
+        key = self.key(path, dtype, device)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._items:  # another thread loaded it while we waited
+                    self._items.move_to_end(key)
+                    return self._items[key]
+            loaded = self._load(path, dtype, device)
+            with self._lock:
+                self._items[key] = loaded
+                self.loads += 1
+                while len(self._items) > self.size:
+                    evicted, _ = self._items.popitem(last=False)
+                    log.info("evicted %s from the model cache", evicted)
+                self._key_locks.pop(key, None)
+        if device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        return loaded
+
+    @staticmethod
+    def _load(path: Path, dtype: str, device: str) -> LoadedModel:
+        """Load a model folder and its tokenizer for serving."""
+        log.info("loading %s for inference on %s (%s)", path, device, dtype)
+        model = load_for_inference(path, dtype, device)
+        tokenizer = load_tokenizer(tokenizer_dir(path))
+        return LoadedModel(
+            path=path,
+            model=model,
+            tokenizer=tokenizer,
+            device=device,
+            dtype=dtype,
+            context_length=context_length(model, tokenizer),
+            eos_token_ids=eos_ids(model, tokenizer),
+        )
 
 
 def default_gguf() -> Path:

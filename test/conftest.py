@@ -1,11 +1,16 @@
 """Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, tmp settings, and a TestClient."""
 
 import json
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 
 from main import create_app
@@ -40,6 +45,7 @@ def tiny_model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        initializer_range=0.1,  # at the default 0.02 greedy decoding only ever emits newlines
     )
     LlamaForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
@@ -94,3 +100,52 @@ def wait_for(client: TestClient, task_id: str, until: set[str], timeout: float =
             return task
         time.sleep(0.3)
     pytest.fail(f"task {task_id} did not reach {until}; last: {task['status']} {task.get('error')}")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(workdir: Path, model_root: Path, extra: dict | None = None) -> tuple[str, subprocess.Popen]:
+    """Start `python main.py --config ... --port N` on the tiny model in its own process; wait for /health."""
+    cfg = {
+        "paths": {"data_dir": str(workdir / "data"), "model_dir": str(model_root), "db_path": str(workdir / "t.db")},
+        "models": {"base_model": TINY_NAME},
+        "jobs": {"poll_interval": 0.2},
+        **(extra or {}),
+    }
+    config = workdir / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    port = free_port()
+    log_path = workdir / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "main.py", "--config", str(config), "--port", str(port), "--log-level", "warning"],
+            cwd=PROJECT_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return url, proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"server did not answer /health: {log_path.read_text()}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server started by start_server."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -58,6 +58,17 @@ class DataSettings(BaseModel):
     max_errors_reported: int = Field(50, ge=1)
 
 
+class InferenceSettings(BaseModel):
+    """Serving limits and the loaded-model cache."""
+
+    cache_size: int = Field(2, ge=1)
+    max_concurrent_generations: int = Field(4, ge=1)
+    max_tokens_limit: int = Field(2048, ge=1)
+    default_max_tokens: int = Field(256, ge=1)
+    max_batch_size: int = Field(64, ge=1)
+    static_kv_cache: bool = False
+
+
 class Settings(BaseSettings):
     """All service settings; see config.yaml for each one's meaning."""
 
@@ -69,6 +80,7 @@ class Settings(BaseSettings):
     jobs: JobSettings = Field(default_factory=JobSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,92 @@
+"""OpenAI-compatible routes: GET /v1/models and POST /v1/chat/completions (plain and streaming)."""
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from controller.deps import InferenceServiceDep
+from entity.inference import OpenAIChatRequest, OpenAIModel, OpenAIModelList
+from util.errors import InvalidInputError
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.get("/models", response_model=OpenAIModelList)
+def list_models(service: InferenceServiceDep) -> OpenAIModelList:
+    """Models a request can name: base models and succeeded train tasks (by task id)."""
+    data = [
+        OpenAIModel(id=name, created=int(created), owned_by="win-train") for name, _, created in service.served_models()
+    ]
+    return OpenAIModelList(data=data)
+
+
+def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None) -> str:
+    """One chat.completion.chunk as JSON."""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return json.dumps(
+        {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+    )
+
+
+async def _openai_stream(
+    events: AsyncIterator[dict[str, Any]], cid: str, model: str, include_usage: bool
+) -> AsyncIterator[ServerSentEvent]:
+    """Service events as OpenAI chunks, ending with `data: [DONE]`; a failure becomes an error data event."""
+    created = int(time.time())
+    yield ServerSentEvent(data=_chunk(cid, created, model, {"role": "assistant", "content": ""}, None))
+    async for event in events:
+        if event["type"] == "delta":
+            yield ServerSentEvent(data=_chunk(cid, created, model, {"content": event["content"]}, None))
+        elif event["type"] == "done":
+            yield ServerSentEvent(data=_chunk(cid, created, model, {}, event["finish_reason"]))
+            if include_usage:
+                usage = event["usage"]
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+                yield ServerSentEvent(data=json.dumps({**body, "choices": [], "usage": usage}))
+        else:
+            error = {"message": event["message"], "type": "server_error", "param": None, "code": "generation_error"}
+            yield ServerSentEvent(data=json.dumps({"error": error}))
+            return
+    yield ServerSentEvent(data="[DONE]")
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    req: OpenAIChatRequest, service: InferenceServiceDep
+) -> dict[str, Any] | EventSourceResponse:
+    """OpenAI's chat completions, so the official `openai` client works against this server."""
+    try:
+        chat = req.to_chat(service.settings.models.base_model)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InvalidInputError(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from exc
+    cid = f"chatcmpl-{uuid.uuid4().hex}"
+    if req.stream:
+        prepared = await service.prepare_async(chat)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return EventSourceResponse(_openai_stream(service.stream(prepared), cid, req.model, include_usage), ping=15)
+    result = await service.chat(chat)
+    usage = result.usage.model_dump()
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": req.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.content},
+                "logprobs": None,
+                "finish_reason": result.finish_reason,
+            }
+        ],
+        "usage": usage,
+    }
