@@ -46,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            app.state.inference_service.close()
             runner.stop()
             store.engine.dispose()
 

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,10 +158,18 @@ class InferenceService:
         self.settings = settings
         self.store = store
         self.cache = cache
-        self._slots = asyncio.Semaphore(settings.inference.max_concurrent_generations)
+        limit = settings.inference.max_concurrent_generations
+        self._slots = asyncio.Semaphore(limit)
+        # Compiled CUDA graphs (static KV cache) belong to the thread that captured them: use one thread then.
+        workers = 1 if settings.inference.static_kv_cache else limit
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generate")
         self._rng_lock = threading.Lock()  # sampling uses torch's global RNG; a seed must not be disturbed
         self._stats_lock = threading.Lock()
         self.stats = {"queued": 0, "active": 0, "completed": 0, "cancelled": 0, "failed": 0, "generate_calls": 0}
+
+    def close(self) -> None:
+        """Stop taking generation work; running generations end on their own."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- request preparation ------------------------------------------------------------------
     def prepare(self, req: ChatRequest) -> Prepared:
@@ -281,7 +290,7 @@ class InferenceService:
         async with self._slot():
             self._count("active")
             try:
-                return await asyncio.to_thread(fn)
+                return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
             except BaseException:
                 self._count("failed")
                 raise
@@ -313,7 +322,7 @@ class InferenceService:
 
         async with self._slot():
             self._count("active")
-            future = loop.run_in_executor(None, work)
+            future = loop.run_in_executor(self._executor, work)
             finished = False
             try:
                 while (item := await queue.get()) is not _END:
