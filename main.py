@@ -10,9 +10,10 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from controller import data, health, inference, openai_api, train
+from controller import data, export, health, inference, openai_api, train
 from controller.errors import install_error_handlers
 from service.data import DataService
+from service.export import ExportService
 from service.inference import InferenceService
 from service.jobs import JobRunner
 from service.models import ModelCache, device_info
@@ -37,6 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.runner = runner
         app.state.data_service = DataService(settings)
         app.state.train_service = TrainService(settings, runner)
+        app.state.export_service = ExportService(settings, runner)
         app.state.model_cache = ModelCache(settings.inference.cache_size)
         app.state.inference_service = InferenceService(settings, store, app.state.model_cache)
         app.state.device = device_info()
@@ -57,7 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (health, data, train, inference, openai_api):
+    for module in (health, data, train, inference, openai_api, export):
         app.include_router(module.router)
     return app
 

@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.data import DataService
+from service.export import ExportService
 from service.inference import InferenceService
 from service.jobs import JobRunner
 from service.tasks import TaskStore
@@ -42,9 +43,15 @@ def get_inference_service(request: Request) -> InferenceService:
     return request.app.state.inference_service
 
 
+def get_export_service(request: Request) -> ExportService:
+    """The export service."""
+    return request.app.state.export_service
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[TaskStore, Depends(get_store)]
 RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 DataServiceDep = Annotated[DataService, Depends(get_data_service)]
 TrainServiceDep = Annotated[TrainService, Depends(get_train_service)]
 InferenceServiceDep = Annotated[InferenceService, Depends(get_inference_service)]
+ExportServiceDep = Annotated[ExportService, Depends(get_export_service)]

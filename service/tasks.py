@@ -1,5 +1,6 @@
 """The durable task store: SQLite through SQLAlchemy, shared by the server and job processes."""
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,6 +92,14 @@ class TaskStore:
         if row is None:
             raise NotFoundError(f"Task '{task_id}' does not exist.", details={"task_id": task_id})
         return row
+
+    async def wait_terminal(self, task_id: str, poll: float) -> TaskRow:
+        """Poll (off the event loop) until a task has succeeded, failed or been cancelled."""
+        while True:
+            task = await asyncio.to_thread(self.get, task_id)
+            if task.status not in [s.value for s in ACTIVE_STATUSES]:
+                return task
+            await asyncio.sleep(poll)
 
     def page(
         self,

@@ -25,7 +25,14 @@ def _train_handler(settings: Settings, store: TaskStore, task_id: str, request: 
     return run_training(settings, store, task_id, request)
 
 
-HANDLERS: dict[str, Handler] = {TaskKind.train: _train_handler}
+def _export_handler(settings: Settings, store: TaskStore, task_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Run an export task (ONNX, merged weights or archive)."""
+    from service.export import run_export
+
+    return run_export(settings, store, task_id, request)
+
+
+HANDLERS: dict[str, Handler] = {TaskKind.train: _train_handler, TaskKind.export: _export_handler}
 
 
 class Terminated(BaseException):

@@ -12,7 +12,10 @@ import httpx
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
 
+from entity.task import TaskRow, TaskStatus, utcnow
 from main import create_app
 from util.settings import PROJECT_ROOT, Settings, load_settings
 
@@ -81,6 +84,38 @@ def client(settings: Settings) -> Iterator[TestClient]:
     """A TestClient running the app's lifespan (store, scheduler)."""
     with TestClient(create_app(settings)) as c:
         yield c
+
+
+def add_task(
+    client: TestClient, status: TaskStatus, output_dir: str | None, kind: str = "train", request: dict | None = None
+) -> str:
+    """Insert a task row as a finished (or failed) run would leave it."""
+    store = client.app.state.store
+    task_id = store.new_id()
+    with store.session() as s:
+        s.add(
+            TaskRow(
+                id=task_id,
+                kind=kind,
+                status=status,
+                request=request or {},
+                output_dir=output_dir,
+                created_at=utcnow(),
+                finished_at=utcnow(),
+            )
+        )
+    return task_id
+
+
+@pytest.fixture
+def adapter_dir(settings: Settings) -> Path:
+    """A LoRA adapter on the tiny base, saved like a LoRA train task's output (random, non-zero B)."""
+    base = settings.base_model_path()
+    lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
+    out = settings.model_dir / "outputs" / "lora-out"
+    model.save_pretrained(out)
+    return out
 
 
 def write_jsonl(path: Path, records: list[object]) -> Path:

@@ -7,11 +7,9 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
-from conftest import TINY_NAME, start_server, stop_server
-from entity.task import TaskRow, TaskStatus, utcnow
+from conftest import TINY_NAME, add_task, start_server, stop_server
+from entity.task import TaskStatus
 from service.inference import TextAssembler
 
 HELLO = [{"role": "user", "content": "Say hello to the team."}]
@@ -32,36 +30,6 @@ def _sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
         elif line.startswith("data:"):
             yield event, json.loads(line.split(":", 1)[1].strip())
             event = "message"
-
-
-def _add_task(client, status: TaskStatus, output_dir: str | None, kind: str = "train") -> str:
-    """Insert a task row as a finished (or failed) run would leave it."""
-    store = client.app.state.store
-    task_id = store.new_id()
-    with store.session() as s:
-        s.add(
-            TaskRow(
-                id=task_id,
-                kind=kind,
-                status=status,
-                request={},
-                output_dir=output_dir,
-                created_at=utcnow(),
-                finished_at=utcnow(),
-            )
-        )
-    return task_id
-
-
-@pytest.fixture
-def adapter_dir(settings):
-    """A LoRA adapter on the tiny base, saved like a LoRA train task's output (random, non-zero B)."""
-    base = settings.base_model_path()
-    lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
-    out = settings.model_dir / "outputs" / "lora-out"
-    model.save_pretrained(out)
-    return out
 
 
 def test_chat_greedy_answer_and_usage(client):
@@ -103,7 +71,7 @@ def test_model_loads_once_and_cache_is_lru(client, settings, adapter_dir):
 
 
 def test_trained_task_id_serves_its_model(client, adapter_dir):
-    task_id = _add_task(client, TaskStatus.succeeded, str(adapter_dir))
+    task_id = add_task(client, TaskStatus.succeeded, str(adapter_dir))
     by_id = _chat(client, model=task_id)
     assert by_id.status_code == 200, by_id.text
     assert by_id.json()["model"] == task_id
@@ -234,7 +202,7 @@ def test_bad_input_is_422(client, body, fragment):
 def test_unknown_and_unfinished_models(client, settings):
     assert _chat(client, model="nothing-here").status_code == 404
     assert _chat(client, model="0" * 32).status_code == 404
-    failed = _add_task(client, TaskStatus.failed, None)
+    failed = add_task(client, TaskStatus.failed, None)
     r = _chat(client, model=failed)
     assert r.status_code == 409
     assert "failed" in r.json()["error"]["message"]
