@@ -11,8 +11,10 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from controller import data, export, health, inference, openai_api, train
+from controller import eval as eval_routes
 from controller.errors import install_error_handlers
 from service.data import DataService
+from service.eval import EvalService
 from service.export import ExportService
 from service.inference import InferenceService
 from service.jobs import JobRunner
@@ -39,6 +41,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.data_service = DataService(settings)
         app.state.train_service = TrainService(settings, runner)
         app.state.export_service = ExportService(settings, runner)
+        app.state.eval_service = EvalService(settings, runner)
         app.state.model_cache = ModelCache(settings.inference.cache_size)
         app.state.inference_service = InferenceService(settings, store, app.state.model_cache)
         app.state.device = device_info()
@@ -59,7 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (health, data, train, inference, openai_api, export):
+    for module in (health, data, train, inference, openai_api, export, eval_routes):
         app.include_router(module.router)
     return app
 

@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.data import DataService
+from service.eval import EvalService
 from service.export import ExportService
 from service.inference import InferenceService
 from service.jobs import JobRunner
@@ -48,6 +49,11 @@ def get_export_service(request: Request) -> ExportService:
     return request.app.state.export_service
 
 
+def get_eval_service(request: Request) -> EvalService:
+    """The evaluation service."""
+    return request.app.state.eval_service
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[TaskStore, Depends(get_store)]
 RunnerDep = Annotated[JobRunner, Depends(get_runner)]
@@ -55,3 +61,4 @@ DataServiceDep = Annotated[DataService, Depends(get_data_service)]
 TrainServiceDep = Annotated[TrainService, Depends(get_train_service)]
 InferenceServiceDep = Annotated[InferenceService, Depends(get_inference_service)]
 ExportServiceDep = Annotated[ExportService, Depends(get_export_service)]
+EvalServiceDep = Annotated[EvalService, Depends(get_eval_service)]

@@ -44,7 +44,10 @@ class OnnxExportRequest(ExportBase):
     opset_version: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET)
     dtype: Literal["float32", "float16"] = "float32"
     tolerance: float | None = Field(
-        None, gt=0, description="Largest accepted |logit difference| (default 1e-3 for float32, 0.1 for float16)."
+        None,
+        gt=0,
+        description="Largest accepted |logit difference| relative to the logit scale, i.e. the largest |logit| "
+        "(at least 1); default 1e-4 for float32, 2e-2 for float16.",
     )
 
 

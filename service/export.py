@@ -31,8 +31,11 @@ VERIFY_PROMPTS = [
     "Write a haiku about gradient descent.",
     "List three uses of a paperclip, then explain which is the most creative and why.",
 ]
-DEFAULT_TOLERANCE = {"float32": 1e-3, "float16": 1e-1}
+# Relative to the logit scale (the largest |reference logit| on real tokens, at least 1).
+DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 MERGE_TOLERANCE = 1e-4
+DYNAMO_MIN_OPSET = 18
+LEGACY_MAX_OPSET = 20
 ARCHIVE_SKIP = ("checkpoint-", "runs", "__pycache__")
 
 
@@ -205,32 +208,36 @@ def torch_logits(model: Any, batch: dict[str, Any]) -> Any:
 
 
 def compare_logits(ref: Any, got: Any, mask: Any, tolerance: float) -> dict[str, Any]:
-    """Max |difference| on real tokens, and whether greedy next tokens agree (near ties excused)."""
+    """Max |difference| on real tokens against tolerance x logit scale, and greedy next-token agreement."""
     import numpy as np
 
     real = mask.astype(bool)
     diff = float(np.abs(ref - got)[real].max())
+    scale = max(1.0, float(np.abs(ref[real]).max()))
+    allowed = tolerance * scale
     ref_last, got_last = ref[:, -1, :], got[:, -1, :]  # left padding: the last position is real in every row
     ref_next, got_next = ref_last.argmax(-1), got_last.argmax(-1)
     top2 = np.sort(ref_last, axis=-1)[:, -2:]
-    # A different argmax is only acceptable when the reference's top two are closer than the tolerance.
-    unexplained = [int(i) for i in np.nonzero(ref_next != got_next)[0] if top2[i, 1] - top2[i, 0] > tolerance]
+    # A different argmax is only acceptable when the reference's top two are closer than the allowed difference.
+    unexplained = [int(i) for i in np.nonzero(ref_next != got_next)[0] if top2[i, 1] - top2[i, 0] > allowed]
     agreement = float((ref[real].argmax(-1) == got[real].argmax(-1)).mean())
     return {
         "max_abs_diff": diff,
         "tolerance": tolerance,
+        "logit_scale": scale,
+        "allowed_abs_diff": allowed,
         "greedy_next_tokens_match": bool((ref_next == got_next).all()),
         "next_tokens_reference": ref_next.tolist(),
         "next_tokens_export": got_next.tolist(),
         "top1_agreement_all_positions": round(agreement, 6),
         "prompts": len(VERIFY_PROMPTS),
         "real_tokens": int(real.sum()),
-        "passed": bool(diff <= tolerance and not unexplained),
+        "passed": bool(diff <= allowed and not unexplained),
     }
 
 
 def onnx_write(model: Any, path: Path, opset: int, example: dict[str, Any]) -> str:
-    """Export with the dynamo exporter (dynamic batch and sequence), falling back to the legacy one; which ran."""
+    """Export with the dynamo exporter (opset >= 18) or the legacy one (older opsets, or dynamo failed); which ran."""
     import onnx
     import torch
 
@@ -249,19 +256,24 @@ def onnx_write(model: Any, path: Path, opset: int, example: dict[str, Any]) -> s
     names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"]}
     # Above ~2 GB a protobuf cannot hold the weights: they go to a side file next to model.onnx.
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8 * 2**30
-    try:
-        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-        shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-        torch.onnx.export(
-            wrapper, args, str(path), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
-            external_data=external, **names,
-        )  # fmt: skip
-        written = {o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain == ""}
-        if written == {opset}:
-            return "dynamo"
-        log.info("dynamo exporter wrote opset %s instead of %s; using the legacy exporter", written, opset)
-    except Exception as exc:  # noqa: BLE001 - any dynamo failure falls back to the legacy exporter
-        log.info("dynamo export failed (%s: %s); using the legacy exporter", type(exc).__name__, exc)
+    # The dynamo exporter writes opset 18 and above natively; converting its graph down to older opsets
+    # failed on every Llama-family model tried, so older opsets go straight to the legacy exporter.
+    if opset >= DYNAMO_MIN_OPSET:
+        try:
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+            shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+            torch.onnx.export(
+                wrapper, args, str(path), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
+                external_data=external, **names,
+            )  # fmt: skip
+            written = {o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain == ""}
+            if written == {opset}:
+                return "dynamo"
+            log.info("dynamo exporter wrote opset %s instead of %s; using the legacy exporter", written, opset)
+        except Exception as exc:  # noqa: BLE001 - any dynamo failure falls back to the legacy exporter
+            log.info("dynamo export failed (%s: %s); using the legacy exporter", type(exc).__name__, exc)
+        if opset > LEGACY_MAX_OPSET:
+            raise RuntimeError(f"The dynamo exporter could not write opset {opset}, and the legacy one stops at 20.")
     for leftover in path.parent.glob(path.name + "*"):
         leftover.unlink()
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}

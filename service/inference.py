@@ -172,15 +172,15 @@ class InferenceService:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- request preparation ------------------------------------------------------------------
-    def prepare(self, req: ChatRequest) -> Prepared:
-        """Resolve and load the model, render the prompt, and check the token limits (blocking)."""
+    def prepare(self, req: ChatRequest, path: Path | None = None) -> Prepared:
+        """Resolve (unless `path` is already resolved) and load the model, render the prompt, check limits."""
         limit = self.settings.inference.max_tokens_limit
         if req.max_tokens is not None and req.max_tokens > limit:
             raise InvalidInputError(
                 f"max_tokens {req.max_tokens} is above this server's limit of {limit}.",
                 details={"max_tokens": req.max_tokens, "limit": limit},
             )
-        path = models.resolve_model_ref(req.model, self.settings, self.store)
+        path = path or models.resolve_model_ref(req.model, self.settings, self.store)
         loaded = self.cache.get(path)
         messages = [m.model_dump() for m in req.messages]
         try:
@@ -296,6 +296,21 @@ class InferenceService:
                 raise
             finally:
                 self._count("active", -1)
+
+    def answer_many(self, requests: list[ChatRequest], batch_size: int, path: Path | None = None) -> list[ChatResponse]:
+        """Blocking: answer in order, same-setting requests sharing generate() calls of batch_size rows."""
+        started = time.perf_counter()
+        rows = [self.prepare(r, path) for r in requests]
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(row.sampling_key, []).append(i)
+        answers: dict[int, ChatResponse] = {}
+        for indices in groups.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                outputs = self._generate([rows[i] for i in chunk])
+                answers.update({i: self._respond(rows[i], ids, started) for i, ids in zip(chunk, outputs, strict=True)})
+        return [answers[i] for i in range(len(rows))]
 
     async def chat(self, req: ChatRequest) -> ChatResponse:
         """Answer one chat request."""

@@ -32,7 +32,18 @@ def _export_handler(settings: Settings, store: TaskStore, task_id: str, request:
     return run_export(settings, store, task_id, request)
 
 
-HANDLERS: dict[str, Handler] = {TaskKind.train: _train_handler, TaskKind.export: _export_handler}
+def _eval_handler(settings: Settings, store: TaskStore, task_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Run an evaluation task."""
+    from service.eval import run_eval
+
+    return run_eval(settings, store, task_id, request)
+
+
+HANDLERS: dict[str, Handler] = {
+    TaskKind.train: _train_handler,
+    TaskKind.export: _export_handler,
+    TaskKind.eval: _eval_handler,
+}
 
 
 class Terminated(BaseException):

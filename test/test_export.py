@@ -46,7 +46,7 @@ def _onnx_parity(out_dir, reference_model) -> float:
 
 
 def test_onnx_full_model_is_verified_and_self_contained(client, settings):
-    r = _export(client, "onnx", output_path="exports/tiny-onnx")
+    r = _export(client, "onnx", output_path="exports/tiny-onnx", opset_version=18)
     metrics = _succeeded(r)
     out = settings.model_dir / "exports" / "tiny-onnx"
     assert r.json()["output_path"] == str(out)
@@ -55,7 +55,7 @@ def test_onnx_full_model_is_verified_and_self_contained(client, settings):
     check = metrics["verification"]
     assert check["passed"] and check["greedy_next_tokens_match"]
     assert check["max_abs_diff"] <= 1e-4
-    assert metrics["opset_version"] == 17 and metrics["merged_lora"] is False
+    assert (metrics["opset_version"], metrics["exporter"], metrics["merged_lora"]) == (18, "dynamo", False)
     assert json.loads((out / "export_report.json").read_text())["verification"] == check
     base = AutoModelForCausalLM.from_pretrained(settings.base_model_path(), dtype=torch.float32).eval()
     assert _onnx_parity(out, base) <= 1e-4

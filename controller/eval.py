@@ -1,0 +1,29 @@
+"""Evaluation routes: start an evaluation (optionally waiting for it) and read its state."""
+
+from fastapi import APIRouter, Response
+
+from controller.deps import EvalServiceDep, SettingsDep, StoreDep
+from entity.eval import EvalRequest, EvalStarted
+from entity.task import TaskOut
+
+router = APIRouter(prefix="/api/eval", tags=["eval"])
+
+
+@router.post("/evaluate", response_model=EvalStarted, status_code=200)
+async def evaluate(
+    req: EvalRequest, service: EvalServiceDep, store: StoreDep, settings: SettingsDep, response: Response
+) -> EvalStarted:
+    """Queue an eval task (202), or with `wait` return it finished (200), succeeded or failed."""
+    task = service.start(req)
+    started = EvalStarted(task_id=task.id, status=task.status, output_dir=task.output_dir or "")
+    if not req.wait:
+        response.status_code = 202
+        return started
+    final = await store.wait_terminal(task.id, settings.jobs.poll_interval)
+    return started.model_copy(update={"status": final.status, "task": TaskOut.model_validate(final)})
+
+
+@router.get("/status/{task_id}", response_model=TaskOut)
+def status(task_id: str, store: StoreDep) -> TaskOut:
+    """An eval task's state; its metrics hold the results once it has finished."""
+    return TaskOut.model_validate(store.get(task_id))

@@ -1,0 +1,66 @@
+"""Request and response schemas of the evaluation API."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from entity.task import TaskOut
+
+Metric = Literal["loss", "perplexity", "accuracy", "bleu", "rouge_l"]
+AccuracyMode = Literal["exact_match", "contains", "numeric"]
+
+
+class GenerationParams(BaseModel):
+    """How answers are generated for accuracy, BLEU and ROUGE-L."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(128, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0, le=2, description="0 (the default) is greedy, deterministic decoding.")
+
+
+class EvalRequest(BaseModel):
+    """Body of POST /api/eval/evaluate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None, description="Base model name, a succeeded train task's id, or a model folder; default: the base model."
+    )
+    model_path: str | None = Field(None, description="Same as `model` (the older name).")
+    dataset_path: str = Field(..., description="Chat data (relative to the data dir); the last turn is the answer.")
+    metrics: list[Metric] = Field(default_factory=lambda: ["loss", "perplexity", "accuracy"], min_length=1)
+    accuracy_mode: AccuracyMode = Field("exact_match", description="Which comparison `accuracy` reports.")
+    batch_size: int = Field(8, ge=1, le=512)
+    max_samples: int | None = Field(None, ge=1)
+    generation: GenerationParams = Field(default_factory=GenerationParams)
+    compare_with: str | None = Field(None, description="A second model evaluated on the same data in the same task.")
+    output_dir: str | None = Field(None, description="Relative to the data dir; default evals/<task_id>.")
+    backend: Literal["native", "evalscope"] = "native"
+    evalscope_dataset: Literal["general_qa", "general_mcq"] = Field(
+        "general_qa", description="With backend=evalscope: the benchmark run on the local file."
+    )
+    wait: bool = Field(False, description="Block until the evaluation has finished and return the task.")
+
+    @model_validator(mode="after")
+    def _checks(self) -> "EvalRequest":
+        """One model field; no repeated metric."""
+        if self.model is not None and self.model_path is not None and self.model != self.model_path:
+            raise ValueError("give model or model_path, not both")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError("metrics must not repeat")
+        return self
+
+    @property
+    def model_ref(self) -> str | None:
+        """The model identifier, whichever field carried it."""
+        return self.model if self.model is not None else self.model_path
+
+
+class EvalStarted(BaseModel):
+    """Answer of POST /api/eval/evaluate: the task, and with `wait` its final state and results."""
+
+    task_id: str
+    status: str
+    output_dir: str
+    task: TaskOut | None = None
