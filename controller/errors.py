@@ -15,13 +15,18 @@ log = logging.getLogger(__name__)
 
 
 def error_response(
-    status: int, type_: str, message: str, details: Any = None, request: Request | None = None
+    status: int,
+    type_: str,
+    message: str,
+    details: Any = None,
+    request: Request | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     """The single JSON error shape; under /v1 it also carries OpenAI's `code` and `param` keys."""
     error: dict[str, Any] = {"type": type_, "message": message, "details": jsonable_encoder(details)}
     if request is not None and request.url.path.startswith("/v1/"):
         error.update(code=type_, param=None)
-    return JSONResponse(status_code=status, content={"error": error})
+    return JSONResponse(status_code=status, content={"error": error}, headers=headers)
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> str:
@@ -38,7 +43,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AppError)
     async def _app_error(request: Request, exc: AppError) -> JSONResponse:
-        return error_response(exc.status_code, exc.error_type, exc.message, exc.details, request)
+        return error_response(exc.status_code, exc.error_type, exc.message, exc.details, request, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -226,7 +226,7 @@ class JobRunner:
         log_path = self.log_path(task.id)
         env = {
             **os.environ,
-            "WT_SETTINGS_JSON": self.settings.model_dump_json(),
+            "WT_SETTINGS_JSON": self.settings.model_dump_json(exclude={"auth"}),  # workers need no keys
             "PYTHONUNBUFFERED": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }

@@ -9,18 +9,31 @@ import pytest
 from conftest import start_server, stop_server
 from util.settings import PROJECT_ROOT
 
+KEY = "e2e-key"
+
 
 @pytest.fixture
 def live_server(tmp_path, tiny_model_root) -> Iterator[str]:
-    """A real uvicorn server on loopback serving the tiny model."""
-    url, proc = start_server(tmp_path, tiny_model_root)
+    """A real uvicorn server on loopback serving the tiny model, with an API key required."""
+    url, proc = start_server(tmp_path, tiny_model_root, {"auth": {"api_keys": [KEY]}})
     yield url
     stop_server(proc)
 
 
 def test_train_api_script_against_live_server(live_server):
     result = subprocess.run(
-        [sys.executable, "test/TrainAPITest.py", "--base-url", live_server, "--steps", "3", "--timeout", "180"],
+        [
+            sys.executable,
+            "test/TrainAPITest.py",
+            "--base-url",
+            live_server,
+            "--steps",
+            "3",
+            "--timeout",
+            "180",
+            "--api-key",
+            KEY,
+        ],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,

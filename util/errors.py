@@ -8,6 +8,7 @@ class AppError(Exception):
 
     status_code: int = 400
     error_type: str = "bad_request"
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, details: Any = None) -> None:
         """Store a readable message and optional structured details."""
@@ -42,3 +43,11 @@ class ForbiddenPathError(AppError):
 
     status_code = 403
     error_type = "forbidden_path"
+
+
+class AuthenticationError(AppError):
+    """A missing or wrong API key."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    headers = {"WWW-Authenticate": "Bearer"}

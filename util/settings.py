@@ -1,10 +1,11 @@
 """Settings: config.yaml, overridden by WT_* environment variables, overridden by CLI flags."""
 
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +70,12 @@ class InferenceSettings(BaseModel):
     static_kv_cache: bool = False
 
 
+class AuthSettings(BaseModel):
+    """API keys; with none configured the API is open (and the server only binds to loopback)."""
+
+    api_keys: list[SecretStr] = Field(default_factory=list)
+
+
 class Settings(BaseSettings):
     """All service settings; see config.yaml for each one's meaning."""
 
@@ -81,6 +88,7 @@ class Settings(BaseSettings):
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -140,7 +148,7 @@ class Settings(BaseSettings):
 
 
 def load_settings(config_path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Load config.yaml (or `config_path`), apply WT_* env vars, then `overrides` like {"server": {"port": 1}}."""
+    """Load config.yaml (or `config_path`), apply WT_* env vars and API_KEYS, then `overrides` ({"server": {...}})."""
     path = Path(config_path) if config_path else DEFAULT_CONFIG
     raw: dict[str, Any] = {}
     if path.exists():
@@ -148,6 +156,9 @@ def load_settings(config_path: Path | None = None, overrides: dict[str, Any] | N
     elif config_path:
         raise FileNotFoundError(f"Config file not found: {path}")
     settings = Settings(**raw)
+    if os.environ.get("API_KEYS") is not None:  # comma-separated keys; overrides auth.api_keys of the file
+        keys = [SecretStr(k.strip()) for k in os.environ["API_KEYS"].split(",") if k.strip()]
+        settings = settings.model_copy(update={"auth": AuthSettings(api_keys=keys)})
     for section, values in (overrides or {}).items():
         current = getattr(settings, section)
         updated = current.model_validate({**current.model_dump(), **values})
