@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from controller import data, export, health, inference, openai_api, train
+from controller import data, export, health, inference, openai_api, runs, train
 from controller import eval as eval_routes
 from controller.auth import key_digests, require_api_key
 from controller.errors import install_error_handlers
@@ -23,6 +23,7 @@ from service.export import ExportService
 from service.inference import InferenceService
 from service.jobs import JobRunner
 from service.models import ModelCache, device_info
+from service.runs import RunService
 from service.tasks import TaskStore
 from service.train.service import TrainService
 from util.settings import PROJECT_ROOT, VERSION, Settings, load_settings
@@ -49,16 +50,19 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.train_service = TrainService(settings, runner)
         app.state.export_service = ExportService(settings, runner)
         app.state.eval_service = EvalService(settings, runner)
+        app.state.run_service = RunService(settings, store)
         app.state.model_cache = ModelCache(settings.inference.cache_size)
         app.state.inference_service = InferenceService(settings, store, app.state.model_cache)
         app.state.device = device_info()
         app.state.started = time.monotonic()
         runner.start()
+        app.state.run_service.start()
         log.info("serving with %d job slot(s) on %s", runner.slots, app.state.device["type"])
         try:
             yield
         finally:
             app.state.inference_service.close()
+            app.state.run_service.stop()
             runner.stop()
             store.engine.dispose()
 
@@ -70,7 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(health.router)  # /health (like /docs) stays open
-    for module in (data, train, inference, openai_api, export, eval_routes):
+    for module in (data, train, inference, openai_api, runs, export, eval_routes):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
     return app
 

@@ -9,6 +9,7 @@ from service.eval import EvalService
 from service.export import ExportService
 from service.inference import InferenceService
 from service.jobs import JobRunner
+from service.runs import RunService
 from service.tasks import TaskStore
 from service.train.service import TrainService
 from util.settings import Settings
@@ -54,6 +55,11 @@ def get_eval_service(request: Request) -> EvalService:
     return request.app.state.eval_service
 
 
+def get_run_service(request: Request) -> RunService:
+    """The training-run service."""
+    return request.app.state.run_service
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[TaskStore, Depends(get_store)]
 RunnerDep = Annotated[JobRunner, Depends(get_runner)]
@@ -62,3 +68,4 @@ TrainServiceDep = Annotated[TrainService, Depends(get_train_service)]
 InferenceServiceDep = Annotated[InferenceService, Depends(get_inference_service)]
 ExportServiceDep = Annotated[ExportService, Depends(get_export_service)]
 EvalServiceDep = Annotated[EvalService, Depends(get_eval_service)]
+RunServiceDep = Annotated[RunService, Depends(get_run_service)]

@@ -224,27 +224,12 @@ class JobRunner:
     def _spawn(self, task: TaskRow) -> None:
         """Start a child process for a queued task."""
         log_path = self.log_path(task.id)
-        env = {
-            **os.environ,
-            "WT_SETTINGS_JSON": self.settings.model_dump_json(exclude={"auth"}),  # workers need no keys
-            "PYTHONUNBUFFERED": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
         with self._lock:
             # Claim the task before starting; the lock keeps a concurrent cancel from slipping between.
             if not self.store.transition(task.id, TaskStatus.running, (TaskStatus.queued,)):
                 return
             try:
-                with log_path.open("ab") as out:
-                    proc = subprocess.Popen(
-                        [sys.executable, "-m", "service.worker", "--task-id", task.id],
-                        cwd=PROJECT_ROOT,
-                        env=env,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        start_new_session=True,  # its own process group, so cancel can kill all of it
-                    )
+                proc = spawn_worker(self.settings, ["service.worker", "--task-id", task.id], log_path)
             except OSError as exc:
                 self.store.transition(
                     task.id, TaskStatus.failed, (TaskStatus.running,), error=f"could not start worker: {exc}"
@@ -257,25 +242,51 @@ class JobRunner:
 
     def _kill(self, job: RunningJob) -> None:
         """Terminate a child's whole process group: SIGTERM, then SIGKILL after the grace period."""
-        try:
-            pgid = os.getpgid(job.pid)
-        except ProcessLookupError:
-            return
-        # Never signal our own group (an adopted process may share it); kill just that pid then.
-        own_group = pgid == os.getpgrp()
-        kill, target = (os.kill, job.pid) if own_group else (os.killpg, pgid)
-        try:
-            kill(target, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + self.settings.jobs.cancel_grace_seconds
-        while time.monotonic() < deadline:
-            if (job.proc.poll() is not None) if job.proc else not pid_alive(job.pid):
-                break
-            time.sleep(0.1)
-        try:
-            kill(target, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if job.proc is not None:
-            job.proc.wait(timeout=5)
+        terminate_group(job.pid, job.proc, self.settings.jobs.cancel_grace_seconds)
+
+
+def spawn_worker(settings: Settings, module_args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start `python -m <module> <args>` in its own process group, output appended to log_path."""
+    env = {
+        **os.environ,
+        "WT_SETTINGS_JSON": settings.model_dump_json(exclude={"auth"}),  # workers need no keys
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", *module_args],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, so cancel can kill all of it
+        )
+
+
+def terminate_group(pid: int, proc: subprocess.Popen[bytes] | None, grace: float) -> None:
+    """SIGTERM a worker's process group, then SIGKILL it after `grace` seconds."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    # Never signal our own group (an adopted process may share it); kill just that pid then.
+    own_group = pgid == os.getpgrp()
+    kill, target = (os.kill, pid) if own_group else (os.killpg, pgid)
+    try:
+        kill(target, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if (proc.poll() is not None) if proc else not pid_alive(pid):
+            break
+        time.sleep(0.1)
+    try:
+        kill(target, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if proc is not None:
+        proc.wait(timeout=5)

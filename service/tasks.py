@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+import entity.runs  # noqa: F401  - registers the run tables on the shared metadata
 from entity.task import (
     ACTIVE_STATUSES,
     Base,

@@ -1,5 +1,6 @@
 """API keys: every /api and /v1 route refuses a missing or wrong key; /health and /docs stay open."""
 
+import re
 import subprocess
 import sys
 
@@ -27,7 +28,7 @@ def _protected_routes(client) -> list[tuple[str, str]]:
     routes = []
     for path, ops in client.get("/openapi.json").json()["paths"].items():
         if path.startswith(("/api/", "/v1/")):
-            filled = path.replace("{task_id}", "0" * 32)
+            filled = re.sub(r"\{[a-z_]+\}", "0" * 32, path)
             routes += [(method.upper(), filled) for method in ops]
     return routes
 
@@ -36,6 +37,7 @@ def test_every_protected_route_needs_a_valid_key(secured):
     routes = _protected_routes(secured)
     routers = {path.split("/")[2] if path.startswith("/api/") else "v1" for _, path in routes}
     assert routers >= {"data", "train", "inference", "eval", "export", "v1"}
+    assert ("POST", "/v1/runs/" + "0" * 32 + "/forward_backward") in routes
     for method, path in routes:
         missing = secured.request(method, path)
         assert missing.status_code == 401, (method, path, missing.text)

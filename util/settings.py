@@ -70,6 +70,14 @@ class InferenceSettings(BaseModel):
     static_kv_cache: bool = False
 
 
+class RunSettings(BaseModel):
+    """Low-level training runs (/v1/runs): each holds a model, a LoRA and its optimizer in a worker process."""
+
+    max_runs: int = Field(2, ge=1)
+    idle_ttl_seconds: float = Field(1800.0, gt=0)
+    poll_interval: float = Field(0.02, gt=0)
+
+
 class AuthSettings(BaseModel):
     """API keys; with none configured the API is open (and the server only binds to loopback)."""
 
@@ -88,6 +96,7 @@ class Settings(BaseSettings):
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    runs: RunSettings = Field(default_factory=RunSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @classmethod

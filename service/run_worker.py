@@ -1,0 +1,325 @@
+"""A training run's worker process: `python -m service.run_worker --run-id ID`.
+
+It loads the base model with a LoRA adapter and an AdamW optimizer once, then executes the run's jobs in
+order (forward_backward, optim_step, sample, save_state, load_state). Idle past the TTL, or told to stop
+by the server, it saves its state and pauses; the run resumes from that state on its next call.
+"""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from entity.runs import ChatExample, ForwardBackwardRequest, OptimStepRequest, RunRow, RunStatus, SampleRequest
+from service import models
+from service.runs import RunStore, checkpoint_dir
+from service.tasks import make_engine
+from service.worker import Terminated, format_error
+from util.settings import Settings
+
+log = logging.getLogger(__name__)
+
+AUTOSAVE = "autosave"
+
+
+class JobError(Exception):
+    """A job's input could not be used; the job fails, the run carries on."""
+
+
+class RunState:
+    """The model with its LoRA, the tokenizer and the optimizer of one run."""
+
+    def __init__(self, run: RunRow, settings: Settings) -> None:
+        """Load the base model and attach a fresh LoRA, or restore a saved state."""
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        self.run = run
+        self.settings = settings
+        self.device, self.dtype = models.pick_device()
+        base_path = Path(run.base_path)
+        self.tokenizer = models.load_tokenizer(models.tokenizer_dir(base_path))
+        base = models.load_causal_lm(base_path, self.dtype, self.device)
+        torch.manual_seed(run.seed)
+        if run.resume_from:
+            self.model = PeftModel.from_pretrained(base, run.resume_from, is_trainable=True)
+        else:
+            lora = run.lora
+            config = LoraConfig(
+                r=lora["r"],
+                lora_alpha=lora["alpha"],
+                target_modules=lora["target_modules"],
+                lora_dropout=0.0,
+                task_type="CAUSAL_LM",
+            )
+            self.model = get_peft_model(base, config)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in self.params:  # adapter weights and their Adam moments stay in fp32 on a bf16 base
+            p.data = p.data.float()
+        fused = self.device == "cuda"
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, fused=fused)
+        self.steps = run.steps
+        if run.resume_from and run.resume_optimizer and (Path(run.resume_from) / "optimizer.pt").is_file():
+            self._load_optimizer(Path(run.resume_from) / "optimizer.pt")
+
+    # -- primitives -------------------------------------------------------------------------------------
+    def forward_backward(self, req: ForwardBackwardRequest) -> dict[str, Any]:
+        """Accumulate gradients of the weighted cross-entropy; return the loss, token count and per-example losses."""
+        rows = [self._tokens(ex) for ex in req.examples]
+        width = max(len(r[0]) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        targets = torch.zeros((len(rows), width), dtype=torch.long)
+        weights = torch.zeros((len(rows), width), dtype=torch.float32)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (inp, tgt, w) in enumerate(rows):
+            n = len(inp)
+            ids[i, :n], targets[i, :n], weights[i, :n], mask[i, :n] = (
+                torch.tensor(inp), torch.tensor(tgt), torch.tensor(w), 1
+            )  # fmt: skip
+        ids, targets, weights, mask = (t.to(self.device) for t in (ids, targets, weights, mask))
+        total = weights.sum()
+        if float(total) <= 0:
+            raise JobError("every weight is zero: there is nothing to learn from")
+        self.model.train()
+        logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        nll = nll.view(len(rows), width) * weights
+        loss = nll.sum() / total
+        loss.backward()
+        per_example = (nll.sum(1) / weights.sum(1).clamp_min(1e-12)).tolist()
+        return {"loss": float(loss), "num_tokens": float(total), "per_example_loss": per_example}
+
+    def _tokens(self, ex: Any) -> tuple[list[int], list[int], list[float]]:
+        """(input_ids, target_ids, weights) of an example; a conversation is weighted on assistant tokens."""
+        if isinstance(ex, ChatExample):
+            enc = models.tokenize_with_assistant_mask(self.tokenizer, [m.model_dump() for m in ex.messages])
+            ids, mask = enc["input_ids"], enc["assistant_masks"]
+            if len(ids) < 2:
+                raise JobError("a conversation example is too short to predict anything")
+            return ids[:-1], ids[1:], [float(m) for m in mask[1:]]
+        return ex.input_ids, ex.target_ids, ex.weights or [1.0] * len(ex.input_ids)
+
+    def optim_step(self, req: OptimStepRequest) -> dict[str, Any]:
+        """One AdamW step on the accumulated gradients, then clear them."""
+        if all(p.grad is None for p in self.params):
+            raise JobError("there are no accumulated gradients: call forward_backward first")
+        for group in self.optimizer.param_groups:
+            group.update(lr=req.learning_rate, betas=(req.beta1, req.beta2), weight_decay=req.weight_decay)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if req.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, req.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return {"step": self.steps, "grad_norm": float(norm)}
+
+    def sample(self, req: SampleRequest) -> dict[str, Any]:
+        """Sample with the current weights: texts, token ids and their log-probabilities (at temperature 1)."""
+        if req.prompts is not None:
+            prompts = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in req.prompts]
+        else:
+            conversations = [[m.model_dump() for m in conv] for conv in req.messages or []]
+            prompts = [
+                self.tokenizer(models.render_chat(self.tokenizer, c, True), add_special_tokens=False)["input_ids"]
+                for c in conversations
+            ]
+        if any(not p for p in prompts):
+            raise JobError("a prompt is empty")
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        eos = sorted(models.eos_ids(self.model, self.tokenizer))
+        greedy = req.temperature == 0
+        if req.seed is not None:
+            torch.manual_seed(req.seed)
+        self.model.eval()
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=req.max_tokens,
+                do_sample=not greedy,
+                temperature=None if greedy else req.temperature,
+                top_p=None if greedy else req.top_p,
+                top_k=None,
+                num_return_sequences=req.num_samples,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
+        new = out.sequences[:, width:]
+        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        results: list[dict[str, Any]] = []
+        for i in range(len(prompts)):
+            samples = []
+            for j in range(req.num_samples):
+                row = i * req.num_samples + j
+                tokens = new[row].tolist()
+                end = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))
+                samples.append(
+                    {
+                        "text": self.tokenizer.decode(tokens[:end], skip_special_tokens=True),
+                        "tokens": tokens[:end],
+                        "logprobs": [round(float(x), 6) for x in logprobs[row, :end]],
+                        "finish_reason": "stop" if end < len(tokens) or tokens[end - 1] in eos else "length",
+                    }
+                )
+            results.append({"prompt_tokens": len(prompts[i]), "samples": samples})
+        return {"results": results, "step": self.steps}
+
+    def save_state(self, path: Path) -> dict[str, Any]:
+        """Save the adapter (a PEFT folder with the tokenizer) and the optimizer state, atomically."""
+        staging = path.with_name(f".{path.name}.partial")
+        if staging.exists():
+            shutil.rmtree(staging)
+        self.model.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+        meta = {"run_id": self.run.id, "step": self.steps, "base_model": self.run.base_path, "lora": self.run.lora}
+        (staging / "run_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if path.exists():
+            shutil.rmtree(path)
+        staging.replace(path)
+        return {"path": str(path), "step": self.steps}
+
+    def load_state(self, path: Path, with_optimizer: bool) -> dict[str, Any]:
+        """Load a saved adapter's weights (and optimizer state) into this run."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "adapter_model.safetensors"), device=self.device)
+        result = set_peft_model_state_dict(self.model, weights)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            raise JobError(f"the saved adapter does not fit this run: unexpected {unexpected[:3]}")
+        for p in self.params:
+            p.data = p.data.float()
+        self.optimizer.zero_grad(set_to_none=True)
+        if with_optimizer:
+            self._load_optimizer(path / "optimizer.pt")
+        meta_file = path / "run_state.json"
+        if meta_file.is_file():
+            self.steps = int(json.loads(meta_file.read_text(encoding="utf-8")).get("step", self.steps))
+        return {"path": str(path), "with_optimizer": with_optimizer, "step": self.steps}
+
+    def _load_optimizer(self, file: Path) -> None:
+        """Restore AdamW state saved by save_state."""
+        self.optimizer.load_state_dict(torch.load(file, map_location=self.device, weights_only=True))
+
+
+def execute(state: RunState, store: RunStore, kind: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Run one job on the run's state."""
+    if kind == "forward_backward":
+        return state.forward_backward(ForwardBackwardRequest.model_validate(request))
+    if kind == "optim_step":
+        result = state.optim_step(OptimStepRequest.model_validate(request))
+        store.set_run(state.run.id, steps=state.steps)
+        return result
+    if kind == "sample":
+        return state.sample(SampleRequest.model_validate(request))
+    if kind == "save_state":
+        result = state.save_state(Path(request["path"]))
+        rel = Path(request["path"]).relative_to(state.settings.model_dir).as_posix()
+        store.add_checkpoint(state.run.id, request["name"], rel, state.steps)
+        return {**result, "path": rel, "name": request["name"]}
+    if kind == "load_state":
+        result = state.load_state(Path(request["path"]), request["with_optimizer"])
+        store.set_run(state.run.id, steps=state.steps)
+        return result
+    raise JobError(f"unknown job kind '{kind}'")
+
+
+def pause(state: RunState, store: RunStore, why: str) -> None:
+    """Save the run's state and mark it paused; its next call restarts a worker from that state.
+
+    Gradients accumulated but not yet applied are not part of a saved state, so they are dropped.
+    """
+    path = checkpoint_dir(state.settings, state.run.id, AUTOSAVE)
+    state.save_state(path)
+    store.add_checkpoint(state.run.id, AUTOSAVE, path.relative_to(state.settings.model_dir).as_posix(), state.steps)
+    store.move_run(
+        state.run.id,
+        RunStatus.paused,
+        (RunStatus.ready,),
+        resume_from=str(path),
+        resume_optimizer=1,
+        pending_grads=0,
+        pid=None,
+    )
+    log.info("run %s paused (%s); state saved to %s", state.run.id, why, path)
+
+
+def serve(settings: Settings, run_id: str) -> int:
+    """Load the run, then execute its jobs until it is deleted, stopped, or idle past the TTL."""
+    store = RunStore(make_engine(settings.paths.db_path))
+    run = store.get_run(run_id)
+    try:
+        state = RunState(run, settings)
+    except Exception as exc:  # noqa: BLE001 - a run that cannot load fails with the reason
+        store.move_run(run_id, RunStatus.failed, (RunStatus.starting,), error=format_error(exc), pid=None)
+        store.fail_unfinished(run_id, f"run failed to start: {type(exc).__name__}: {exc}")
+        return 1
+    device = f"{state.device} ({state.dtype})"
+    if not store.move_run(run_id, RunStatus.ready, (RunStatus.starting,), device=device, pid=os.getpid()):
+        return 0  # deleted while loading
+    idle_since = time.monotonic()
+    job = None
+    try:
+        while True:
+            job = store.claim_next(run_id)
+            if job is None:
+                if store.get_run(run_id).status != RunStatus.ready:
+                    return 0  # deleted (or failed) by the server
+                if time.monotonic() - idle_since > settings.runs.idle_ttl_seconds:
+                    pause(state, store, "idle")
+                    return 0
+                time.sleep(settings.runs.poll_interval)
+                continue
+            try:
+                result = execute(state, store, job.kind, job.request)
+                store.finish_job(job.id, result=result)
+            except (JobError, ValueError) as exc:
+                store.finish_job(job.id, error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - one failed job (e.g. out of memory) leaves the run usable
+                state.optimizer.zero_grad(set_to_none=True)
+                store.finish_job(job.id, error=format_error(exc))
+            job = None
+            idle_since = time.monotonic()
+    except Terminated:
+        if job is not None:
+            store.finish_job(job.id, error="interrupted: the run's worker was stopped")
+        if store.get_run(run_id).status == RunStatus.ready:  # server shutdown: keep the state for later
+            pause(state, store, "server stopped")
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, load the settings the server passed, and serve the run."""
+    parser = argparse.ArgumentParser(description="Serve one training run.")
+    parser.add_argument("--run-id", required=True)
+    args = parser.parse_args(argv)
+    settings = Settings.model_validate_json(os.environ["WT_SETTINGS_JSON"])
+    logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return serve(settings, args.run_id)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """Unwind to the loop, which saves the state if the run should survive."""
+    raise Terminated("run worker received SIGTERM")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
