@@ -1,6 +1,6 @@
 """Python SDK of the Win-Train service: `from sdk import TuningClient`."""
 
-from sdk.client import TuningClient
+from sdk.client import JobFuture, TrainingRun, TuningClient
 from sdk.errors import (
     APIConnectionError,
     APIError,
@@ -11,6 +11,8 @@ from sdk.errors import (
     JobFailedError,
     NotFoundError,
     PermissionDeniedError,
+    RunJobFailedError,
+    TooManyRunsError,
     WinTrainError,
 )
 from sdk.job import Job
@@ -24,8 +26,12 @@ __all__ = [
     "InvalidRequestError",
     "Job",
     "JobFailedError",
+    "JobFuture",
     "NotFoundError",
     "PermissionDeniedError",
+    "RunJobFailedError",
+    "TooManyRunsError",
+    "TrainingRun",
     "TuningClient",
     "WinTrainError",
 ]

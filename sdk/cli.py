@@ -26,9 +26,11 @@ app = typer.Typer(help="Win-Train: train, evaluate, serve and export LLMs.", no_
 data_app = typer.Typer(help="Datasets: upload, validate, process.", no_args_is_help=True)
 train_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
 export_app = typer.Typer(help="Exports: onnx, merged, archive.", no_args_is_help=True)
+runs_app = typer.Typer(help="Low-level training runs (forward_backward / optim_step / sample).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(export_app, name="export")
+app.add_typer(runs_app, name="runs")
 console = Console()
 errors = Console(stderr=True)
 
@@ -118,6 +120,17 @@ def run(fn: Any) -> Any:
     """Call the server with SDK errors mapped to exit codes."""
     with handled():
         return fn()
+
+
+def run_call(fn: Any) -> Any:
+    """Like run(), also mapping a failed run job to exit code 1."""
+    from sdk.errors import RunJobFailedError
+
+    try:
+        return run(fn)
+    except RunJobFailedError as exc:
+        errors.print(f"[red]job failed[/red]: {exc}")
+        raise typer.Exit(EXIT_FAILED) from exc
 
 
 def parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -390,6 +403,93 @@ def export_archive(
             saved = run(lambda: c.export.download(job.id, download))
             job.metrics = {**(job.metrics or {}), "downloaded_to": str(saved)}
     out(job_dict(job) if state.json else job.metrics)
+
+
+# -- low-level runs ---------------------------------------------------------------------------------------
+
+
+def runs_table(runs: list[dict[str, Any]]) -> Table:
+    """A rich table of runs."""
+    table = Table(title="runs")
+    for col in ("id", "status", "base_model", "lora r", "steps", "device", "created"):
+        table.add_column(col)
+    for r in runs:
+        created = str(r["created_at"])[:19]
+        table.add_row(
+            r["id"], r["status"], r["base_model"], str(r["lora"].get("r")), str(r["steps"]), r["device"] or "-", created
+        )
+    return table
+
+
+@runs_app.command("create")
+def runs_create(
+    base_model: str | None = None, rank: int = 16, alpha: int = 32, seed: int = 0, from_state: str | None = None
+) -> None:
+    """Start a run: a worker holding the base model, a fresh LoRA (or a saved state) and its optimizer."""
+    run = run_call(lambda: client().runs.create(base_model=base_model, r=rank, alpha=alpha, seed=seed,
+                                                from_state=from_state))  # fmt: skip
+    out(run.info, runs_table([run.info]))
+
+
+@runs_app.command("list")
+def runs_list() -> None:
+    """Every run, newest first."""
+    runs = run_call(lambda: client().runs.list())
+    out(runs, runs_table(runs))
+
+
+@runs_app.command("sample")
+def runs_sample(
+    run_id: str,
+    prompt: str,
+    num_samples: int = 1,
+    max_tokens: int = 64,
+    temperature: float = 1.0,
+    seed: int | None = None,
+) -> None:
+    """Sample from a run's current weights (the prompt is sent as a user message)."""
+    messages = [[{"role": "user", "content": prompt}]]
+    result = run_call(
+        lambda: client().runs.get(run_id).sample(messages=messages, num_samples=num_samples, max_tokens=max_tokens,
+                                                 temperature=temperature, seed=seed).result()
+    )  # fmt: skip
+    texts = [s["text"] for s in result["results"][0]["samples"]]
+    out(result, "\n---\n".join(texts))
+
+
+@runs_app.command("checkpoints")
+def runs_checkpoints(run_id: Annotated[str | None, typer.Option("--run-id")] = None) -> None:
+    """Saved states (usable as `model` for chat, eval and export)."""
+    items = run_call(lambda: client().runs.checkpoints(run_id))
+    table = Table(title="checkpoints")
+    for col in ("run_id", "name", "step", "path", "created"):
+        table.add_column(col)
+    for c in items:
+        table.add_row(c["run_id"], c["name"], str(c["step"]), c["path"], str(c["created_at"])[:19])
+    out(items, table)
+
+
+@runs_app.command("delete")
+def runs_delete(run_id: str) -> None:
+    """Free a run."""
+    out(run_call(lambda: client().runs.get(run_id).delete()), f"deleted {run_id}")
+
+
+@app.command()
+def demo(rounds: int = 2, samples: int = 4, train: int = 100, heldout: int = 40, max_tokens: int = 128) -> None:
+    """Run the rejection-sampling SFT demo (examples/rejection_sampling_sft.py) against the server."""
+    import subprocess
+
+    from util.settings import PROJECT_ROOT
+
+    script = PROJECT_ROOT / "examples" / "rejection_sampling_sft.py"
+    options = {"--rounds": rounds, "--samples": samples, "--train": train, "--heldout": heldout}
+    cmd = [sys.executable, str(script), "--max-tokens", str(max_tokens)]
+    cmd += [str(x) for pair in options.items() for x in pair]
+    for flag, value in (("--base-url", state.base_url), ("--api-key", state.api_key)):
+        if value:
+            cmd += [flag, value]
+    raise typer.Exit(subprocess.call(cmd))
 
 
 def entry() -> None:

@@ -1,5 +1,6 @@
 """TuningClient: the Python SDK of the service, on httpx, with typed errors and retries."""
 
+import asyncio
 import json
 import os
 import time
@@ -9,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from sdk.errors import APIConnectionError, APIStatusError, JobFailedError, error_for
+from sdk.errors import APIConnectionError, APIStatusError, JobFailedError, RunJobFailedError, error_for
 from sdk.job import Job
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8801"
@@ -298,6 +299,164 @@ class Export(_Resource):
         return dest
 
 
+class JobFuture:
+    """The pending result of a run's primitive: `.result()` long-polls until the job is done."""
+
+    def __init__(self, client: "TuningClient", queued: dict[str, Any]) -> None:
+        """Wrap the server's immediate answer ({"job_id", "kind", ...})."""
+        self._client = client
+        self.job_id: str = queued["job_id"]
+        self.kind: str = queued["kind"]
+        self._job: dict[str, Any] | None = None
+
+    def done(self) -> bool:
+        """Whether the job has finished (asks the server once)."""
+        if self._job is None:
+            job = self._client.request("GET", f"/v1/jobs/{self.job_id}")
+            if job["status"] in ("completed", "failed"):
+                self._job = job
+        return self._job is not None
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """The job's result; raises RunJobFailedError if it failed, TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._job is None:
+            remaining = 60.0 if deadline is None else max(0.1, min(60.0, deadline - time.monotonic()))
+            job = self._client.request(
+                "GET", f"/v1/jobs/{self.job_id}", params={"wait": "true", "timeout": remaining}, timeout=remaining + 30
+            )
+            if job["status"] in ("completed", "failed"):
+                self._job = job
+            elif deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.kind} job {self.job_id} still {job['status']} after {timeout}s")
+        if self._job["status"] == "failed":
+            raise RunJobFailedError(self._job)
+        return self._job["result"]
+
+    def __await__(self) -> Any:
+        """`await future` waits without blocking the event loop."""
+        return asyncio.to_thread(self.result).__await__()
+
+
+class TrainingRun:
+    """A run on the server: its primitives return futures, so a loop can queue work ahead of results."""
+
+    def __init__(self, client: "TuningClient", info: dict[str, Any]) -> None:
+        """Wrap a run as the server described it."""
+        self._client = client
+        self.id: str = info["id"]
+        self.info = info
+
+    def _submit(self, primitive: str, body: dict[str, Any]) -> JobFuture:
+        """Queue a primitive; returns at once."""
+        return JobFuture(self._client, self._client.request("POST", f"/v1/runs/{self.id}/{primitive}", json=body))
+
+    def forward_backward(self, examples: list[dict[str, Any]], loss: str = "cross_entropy") -> JobFuture:
+        """Accumulate gradients; examples are {"input_ids", "target_ids", "weights"?} or {"messages"}."""
+        return self._submit("forward_backward", {"examples": examples, "loss": loss})
+
+    def optim_step(
+        self,
+        learning_rate: float = 1e-4,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+    ) -> JobFuture:
+        """An AdamW step on the accumulated gradients."""
+        body = {"learning_rate": learning_rate, "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay}
+        return self._submit("optim_step", {**body, "max_grad_norm": max_grad_norm})
+
+    def sample(
+        self,
+        prompts: list[str] | None = None,
+        messages: list[list[dict[str, str]]] | None = None,
+        num_samples: int = 1,
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> JobFuture:
+        """Sample with the run's current weights; the result holds texts, tokens and logprobs."""
+        body = {"prompts": prompts, "messages": messages, "num_samples": num_samples, "max_tokens": max_tokens}
+        return self._submit("sample", {**body, "temperature": temperature, "top_p": top_p, "seed": seed})
+
+    def save_state(self, name: str, overwrite: bool = False) -> JobFuture:
+        """Save the adapter and optimizer state; the result's `path` is usable as a model elsewhere."""
+        return self._submit("save_state", {"name": name, "overwrite": overwrite})
+
+    def load_state(self, path: str, with_optimizer: bool = True) -> JobFuture:
+        """Load a saved state into this run."""
+        return self._submit("load_state", {"path": path, "with_optimizer": with_optimizer})
+
+    async def forward_backward_async(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """forward_backward, awaited."""
+        return await (await asyncio.to_thread(self.forward_backward, *args, **kwargs))
+
+    async def optim_step_async(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """optim_step, awaited."""
+        return await (await asyncio.to_thread(self.optim_step, *args, **kwargs))
+
+    async def sample_async(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """sample, awaited."""
+        return await (await asyncio.to_thread(self.sample, *args, **kwargs))
+
+    async def save_state_async(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """save_state, awaited."""
+        return await (await asyncio.to_thread(self.save_state, *args, **kwargs))
+
+    def refresh(self) -> dict[str, Any]:
+        """The run's current state on the server."""
+        self.info = self._client.request("GET", f"/v1/runs/{self.id}")
+        return self.info
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """The run's saved states."""
+        return self._client.request("GET", f"/v1/runs/{self.id}/checkpoints")["items"]
+
+    def delete(self) -> dict[str, Any]:
+        """Free the run on the server."""
+        self.info = self._client.request("DELETE", f"/v1/runs/{self.id}")
+        return self.info
+
+
+class Runs(_Resource):
+    """Low-level training runs (Tinker-style)."""
+
+    def create(
+        self,
+        base_model: str | None = None,
+        r: int = 16,
+        alpha: int = 32,
+        target_modules: list[str] | str = "all-linear",
+        seed: int = 0,
+        from_state: str | None = None,
+        with_optimizer: bool = True,
+    ) -> TrainingRun:
+        """Start a run with a fresh LoRA on a base model (or from a saved state)."""
+        body = {
+            "base_model": base_model,
+            "lora": {"r": r, "alpha": alpha, "target_modules": target_modules},
+            "seed": seed,
+            "from_state": from_state,
+            "with_optimizer": with_optimizer,
+        }
+        return TrainingRun(self._client, self._client.request("POST", "/v1/runs", json=body))
+
+    def get(self, run_id: str) -> TrainingRun:
+        """An existing run."""
+        return TrainingRun(self._client, self._client.request("GET", f"/v1/runs/{run_id}"))
+
+    def checkpoints(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Saved states of every run, or of one."""
+        params = {"run_id": run_id} if run_id else {}
+        return self._client.request("GET", "/v1/checkpoints", params=params)["items"]
+
+    def list(self) -> list[dict[str, Any]]:  # last: inside the class body, `list` is this method from here on
+        """Every run, newest first."""
+        return self._client.request("GET", "/v1/runs")["items"]
+
+
 class TuningClient:
     """Client of the training service: `with TuningClient(api_key=...) as client: client.tunings.create(...)`."""
 
@@ -321,6 +480,7 @@ class TuningClient:
         self.inference = Inference(self)
         self.eval = Eval(self)
         self.export = Export(self)
+        self.runs = Runs(self)
 
     def __enter__(self) -> "TuningClient":
         """Use as a context manager."""

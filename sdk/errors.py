@@ -56,6 +56,19 @@ class JobFailedError(WinTrainError):
         self.job = job
 
 
+class RunJobFailedError(WinTrainError):
+    """A low-level training job (forward_backward, sample, ...) failed on the run's worker."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        """Keep the failed job."""
+        super().__init__(f"{job.get('kind')} job {job.get('id')} failed: {job.get('error')}")
+        self.job = job
+
+
+class TooManyRunsError(APIStatusError):
+    """429: the server's limit of live training runs is reached."""
+
+
 STATUS_ERRORS: dict[int, type[APIStatusError]] = {
     400: InvalidRequestError,
     401: AuthenticationError,
@@ -63,6 +76,7 @@ STATUS_ERRORS: dict[int, type[APIStatusError]] = {
     404: NotFoundError,
     409: ConflictError,
     422: InvalidRequestError,
+    429: TooManyRunsError,
 }
 
 

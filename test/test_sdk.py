@@ -233,3 +233,53 @@ def test_console_script_is_installed():
     assert script.exists(), "run `make install` (pip install -e .)"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_training_run_futures_pipeline_and_async(sdk):
+    import asyncio
+
+    from sdk import RunJobFailedError
+
+    run = sdk.runs.create(r=4, alpha=8, seed=3)
+    example = {"input_ids": [5, 6, 7, 8], "target_ids": [6, 7, 8, 9]}
+    # Queue everything first; results come back in order afterwards.
+    futures = []
+    for _ in range(3):
+        futures.append(run.forward_backward([example]))
+        futures.append(run.optim_step(learning_rate=1e-2))
+    results = [f.result(timeout=120) for f in futures]
+    losses = [r["loss"] for r in results[::2]]
+    assert losses[-1] < losses[0]
+    assert [r["step"] for r in results[1::2]] == [1, 2, 3]
+    assert futures[0].done()
+
+    async def pipelined() -> tuple[dict, dict]:
+        fb = await run.forward_backward_async([example])
+        sampled = await run.sample_async(prompts=["hi"], num_samples=2, max_tokens=3, seed=1)
+        return fb, sampled
+
+    fb, sampled = asyncio.run(pipelined())
+    assert fb["loss"] < losses[0] and len(sampled["results"][0]["samples"]) == 2
+    saved = run.save_state("sdk-state").result()
+    assert saved["path"] in [c["path"] for c in run.checkpoints()]
+    assert run.id in [r["id"] for r in sdk.runs.list()]
+    with pytest.raises(RunJobFailedError):
+        run.forward_backward([{"input_ids": [1], "target_ids": [2], "weights": [0]}]).result()
+    with pytest.raises(InvalidRequestError):
+        run.forward_backward([{"input_ids": [1, 2], "target_ids": [2]}])
+    assert run.delete()["status"] == "deleted"
+    with pytest.raises(ConflictError):
+        run.sample(prompts=["x"])
+
+
+def test_cli_runs_commands(server):
+    created = cli(server, "--json", "runs", "create", "--rank", "4", "--alpha", "8")
+    assert created.returncode == 0, created.stderr
+    run_id = json.loads(created.stdout)["id"]
+    sampled = cli(server, "--json", "runs", "sample", run_id, "hello", "--max-tokens", "2", "--num-samples", "2")
+    assert sampled.returncode == 0, sampled.stderr
+    assert len(json.loads(sampled.stdout)["results"][0]["samples"]) == 2
+    assert run_id in [r["id"] for r in json.loads(cli(server, "--json", "runs", "list").stdout)]
+    assert cli(server, "--json", "runs", "checkpoints", "--run-id", run_id).returncode == 0
+    assert cli(server, "runs", "delete", run_id).returncode == 0
+    assert cli(server, "runs", "sample", run_id, "hello").returncode == 2  # a deleted run: 409
