@@ -318,14 +318,14 @@ def default_gguf() -> Path:
     return Path(str(dist.locate_file(DEFAULT_GGUF_FILE)))
 
 
-def prepare_default_model(out: Path) -> bool:
+def prepare_default_model(out: Path, gguf: Path | None = None) -> bool:
     """Convert SmolLM2-135M-Instruct from GGUF to a bf16 Hugging Face folder once; return True if converted."""
     if is_model_dir(out) and (out / "tokenizer_config.json").exists():
         return False
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = default_gguf()
+    gguf = gguf or default_gguf()
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("converting %s to %s", gguf.name, out)
