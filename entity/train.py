@@ -38,6 +38,23 @@ class TrainConfig(BaseModel):
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: save_steps or 50).")
     gradient_checkpointing: bool = False
     assistant_only_loss: bool = Field(True, description="Compute the loss on assistant tokens only.")
+    packing: bool | None = Field(
+        None,
+        description="Pack examples into rows of max_length tokens with no padding; position ids restart per "
+        "example so attention never crosses examples. A step then holds per_device_train_batch_size x max_length "
+        "tokens. Default: train.packing in the config (on with a CUDA GPU).",
+    )
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
+        "auto",
+        description="Attention kernel; auto: flex attention for packed rows on CUDA (document-masked, sparse), "
+        "else the model's default (sdpa).",
+    )
+    use_liger_kernel: bool | None = Field(
+        None,
+        description="Liger's fused kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); auto: on "
+        "CUDA when liger-kernel is installed.",
+    )
+    torch_compile: bool = Field(False, description="Compile the model with torch.compile (slow first steps).")
     lora_config: LoraConfigIn | None = None
 
     @model_validator(mode="after")

@@ -163,6 +163,15 @@ def pick_device() -> tuple[str, str]:
     return "cpu", "float32"
 
 
+def liger_available() -> bool:
+    """Whether Liger's fused kernels can be used here (they need CUDA and the liger-kernel package)."""
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
 def device_info() -> dict[str, Any]:
     """A summary of the compute device for /health."""
     import torch
@@ -172,22 +181,25 @@ def device_info() -> dict[str, Any]:
     return {"type": "cpu", "count": 0, "name": None}
 
 
-def load_causal_lm(path: Path, dtype: str, device: str) -> Any:
-    """Load a full causal LM for training or inference."""
+def load_causal_lm(path: Path, dtype: str, device: str, attn_implementation: str | None = None) -> Any:
+    """Load a full causal LM for training or inference (with the model's default attention unless told)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), **kwargs)
     return model.to(device)
 
 
-def load_for_training(path: Path, dtype: str, device: str, keep_adapter: bool) -> Any:
+def load_for_training(
+    path: Path, dtype: str, device: str, keep_adapter: bool, attn_implementation: str | None = None
+) -> Any:
     """Load a model to train; an adapter folder loads on its base, kept trainable or merged into it."""
     if not is_adapter_dir(path):
-        return load_causal_lm(path, dtype, device)
+        return load_causal_lm(path, dtype, device, attn_implementation)
     from peft import PeftModel
 
-    base = load_causal_lm(Path(adapter_base(path)), dtype, device)
+    base = load_causal_lm(Path(adapter_base(path)), dtype, device, attn_implementation)
     model = PeftModel.from_pretrained(base, str(path), is_trainable=keep_adapter)
     if keep_adapter:
         return model

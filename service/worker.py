@@ -56,10 +56,11 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def format_error(exc: BaseException) -> str:
-    """A readable message followed by the tail of the traceback."""
-    tb = traceback.format_exception(exc)
-    tail = "".join(tb).splitlines()[-TRACEBACK_LINES:]
-    return f"{type(exc).__name__}: {exc}\n" + "\n".join(tail)
+    """A readable message, then the traceback's header and its last frames."""
+    lines = "".join(traceback.format_exception(exc)).splitlines()
+    if len(lines) > TRACEBACK_LINES:
+        lines = [lines[0], "  ...", *lines[-TRACEBACK_LINES:]]
+    return f"{type(exc).__name__}: {exc}\n" + "\n".join(lines)
 
 
 def run_task(settings: Settings, task_id: str) -> int:

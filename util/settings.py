@@ -2,7 +2,7 @@
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, SecretStr
@@ -50,6 +50,7 @@ class TrainSettings(BaseModel):
     max_length: int = Field(1024, ge=8)
     save_steps: int = Field(500, ge=1)
     save_total_limit: int | None = Field(2, ge=1)
+    packing: Literal["auto", "on", "off"] = "auto"
 
 
 class DataSettings(BaseModel):

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,24 @@ def build_dataset(path: Path, tokenizer: Any, assistant_only_loss: bool) -> Any:
     return Dataset.from_list(rows)
 
 
-def build_sft_config(settings: Settings, cfg: TrainConfig, output_dir: Path, has_eval: bool, dtype: str) -> Any:
+def packing_for(settings: Settings, cfg: TrainConfig, device: str) -> bool:
+    """Whether to pack: the request's choice, else the configured default (auto: on CUDA)."""
+    if cfg.packing is not None:
+        return cfg.packing
+    return settings.train.packing == "on" or (settings.train.packing == "auto" and device == "cuda")
+
+
+def attention_for(cfg: TrainConfig, packing: bool, device: str) -> str | None:
+    """The attention kernel to load the model with (None: the model's default)."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    # Packed rows need document masking; flex attention skips the masked blocks instead of computing them.
+    return "flex_attention" if packing and device == "cuda" else None
+
+
+def build_sft_config(
+    settings: Settings, cfg: TrainConfig, output_dir: Path, has_eval: bool, dtype: str, packing: bool
+) -> Any:
     """Translate the request into TRL's SFTConfig."""
     from trl import SFTConfig
 
@@ -58,6 +76,12 @@ def build_sft_config(settings: Settings, cfg: TrainConfig, output_dir: Path, has
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         gradient_checkpointing=cfg.gradient_checkpointing,
+        # Packing: best-fit-decreasing rows of max_length tokens, flattened without padding; the collator restarts
+        # position ids per example and masks the first label of each, so no example attends to or predicts another.
+        packing=packing,
+        padding_free=packing,
+        use_liger_kernel=models.liger_available() if cfg.use_liger_kernel is None else cfg.use_liger_kernel,
+        torch_compile=cfg.torch_compile,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,
@@ -67,8 +91,23 @@ def build_sft_config(settings: Settings, cfg: TrainConfig, output_dir: Path, has
     )
 
 
-def run_training(settings: Settings, store: TaskStore, task_id: str, request: dict[str, Any]) -> dict[str, Any]:
-    """Train as the request says, save the result to output_dir, and return the final metrics."""
+@dataclass
+class BuiltTrainer:
+    """The SFTTrainer of a train task and what the rest of the run needs."""
+
+    trainer: Any
+    req: TrainRequest
+    tokenizer: Any
+    args: Any
+    device: str
+    dtype: str
+    output_dir: Path
+    model_path: Path
+    eval_ds: Any
+
+
+def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, request: dict[str, Any]) -> BuiltTrainer:
+    """The SFTTrainer a train task runs (no store: no progress reporting, as in tests and benches)."""
     from trl import SFTTrainer
 
     req = TrainRequest.model_validate(request["train"])
@@ -78,22 +117,27 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
     model_path = Path(resolved["model_path"])
     strategy = STRATEGIES[req.strategy]()
     device, dtype = models.pick_device()
-    store.add_event(task_id, "log", f"loading {model_path.name} on {device} ({dtype}) with strategy '{req.strategy}'")
+    packing = packing_for(settings, req.config, device)
+    attn = attention_for(req.config, packing, device)
+    _event(
+        store,
+        task_id,
+        f"loading {model_path.name} on {device} ({dtype}, {attn or 'default'} attention, "
+        f"packing {'on' if packing else 'off'}) with strategy '{req.strategy}'",
+    )
 
     tokenizer = models.load_tokenizer(models.tokenizer_dir(model_path))
     train_ds = build_dataset(Path(resolved["dataset_path"]), tokenizer, req.config.assistant_only_loss)
     eval_ds = None
     if resolved.get("eval_dataset_path"):
         eval_ds = build_dataset(Path(resolved["eval_dataset_path"]), tokenizer, req.config.assistant_only_loss)
-    store.add_event(
-        task_id, "log", f"dataset: {len(train_ds)} train records" + (f", {len(eval_ds)} eval" if eval_ds else "")
-    )
+    _event(store, task_id, f"dataset: {len(train_ds)} train records" + (f", {len(eval_ds)} eval" if eval_ds else ""))
 
-    model = strategy.load_model(model_path, dtype, device)
+    model = strategy.load_model(model_path, dtype, device, attn)
     # An adapter given as the model is already a trainable PeftModel: no second adapter on top.
     peft_config = None if hasattr(model, "peft_config") else strategy.peft_config(req.config)
-    args = build_sft_config(settings, req.config, output_dir, eval_ds is not None, dtype)
-    log_file = output_dir / "trainer_log.jsonl"
+    args = build_sft_config(settings, req.config, output_dir, eval_ds is not None, dtype, packing)
+    callbacks = [StoreProgressCallback(store, task_id, output_dir / "trainer_log.jsonl")] if store else []
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -101,8 +145,22 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[StoreProgressCallback(store, task_id, log_file)],
+        callbacks=callbacks,
     )
+    return BuiltTrainer(trainer, req, tokenizer, args, device, dtype, output_dir, model_path, eval_ds)
+
+
+def _event(store: TaskStore | None, task_id: str, message: str) -> None:
+    """A log event on the task (when there is a store)."""
+    if store is not None:
+        store.add_event(task_id, "log", message)
+
+
+def run_training(settings: Settings, store: TaskStore, task_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Train as the request says, save the result to output_dir, and return the final metrics."""
+    built = build_trainer(settings, store, task_id, request)
+    trainer, req, tokenizer, args = built.trainer, built.req, built.tokenizer, built.args
+    output_dir, model_path, eval_ds = built.output_dir, built.model_path, built.eval_ds
     is_adapter = hasattr(trainer.model, "peft_config")
     if is_adapter:
         trainable, total = trainer.model.get_nb_trainable_parameters()
@@ -116,8 +174,8 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
                 "strategy": req.strategy,
                 "request": req.model_dump(),
                 "base_model": str(model_path),
-                "device": device,
-                "dtype": dtype,
+                "device": built.device,
+                "dtype": built.dtype,
                 "sft_config": args.to_dict(),
             },
             indent=2,

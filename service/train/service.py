@@ -77,6 +77,10 @@ class TrainService:
                 f"Unknown strategy '{req.strategy}'; choose one of {sorted(STRATEGIES)}.",
                 details={"strategy": req.strategy},
             )
+        if req.config.use_liger_kernel and not models.liger_available():
+            raise InvalidInputError(
+                "use_liger_kernel needs a CUDA GPU and the liger-kernel package; leave it unset to use it when present."
+            )
         dataset = self._dataset(req.dataset_path, "dataset_path")
         eval_dataset = None
         if req.config.eval_dataset_path:

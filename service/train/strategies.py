@@ -14,9 +14,9 @@ class TrlSftStrategy:
     description: ClassVar[str] = "full fine-tune with TRL SFTTrainer"
     keeps_adapter: ClassVar[bool] = False
 
-    def load_model(self, path: Path, dtype: str, device: str) -> Any:
+    def load_model(self, path: Path, dtype: str, device: str, attn_implementation: str | None = None) -> Any:
         """Load the model whose weights will be trained (an adapter given as the model is merged first)."""
-        return models.load_for_training(path, dtype, device, keep_adapter=self.keeps_adapter)
+        return models.load_for_training(path, dtype, device, self.keeps_adapter, attn_implementation)
 
     def peft_config(self, config: TrainConfig) -> Any:
         """No adapter: every weight is trained."""
