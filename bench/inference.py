@@ -25,6 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from service_train import build_qwen_05b
 
 from entity.inference import ChatRequest
 from service.inference import InferenceService
@@ -38,30 +39,6 @@ TOPICS = "rivers mountains compilers gardens trains oceans violins bridges deser
 def prompts(n: int) -> list[str]:
     """N distinct questions of similar length."""
     return [f"Write a short story about {TOPICS[i % 10]} and {TOPICS[(i * 3 + 1) % 10]}, number {i}." for i in range(n)]
-
-
-def build_random_qwen(src: Path, dst: Path) -> Path:
-    """A Qwen2-0.5B-shaped model with random weights and src's tokenizer (and vocabulary size)."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(src)
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(dst)
-    tok.save_pretrained(dst)
-    return dst
 
 
 def sync() -> None:
@@ -172,7 +149,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     src = Path(args.model)
     if args.random_05b:
         model_dir, name = work / "models", "qwen2-0.5b-random"
-        build_random_qwen(src, model_dir / "base" / name)
+        build_qwen_05b(src, model_dir / "base" / name)
     else:
         model_dir, name = src.parent.parent, src.name
     service = make_service(model_dir, name, work, static=False)

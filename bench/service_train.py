@@ -59,6 +59,30 @@ def build_random_model(src: Path, dst: Path) -> Path:
     return dst
 
 
+def build_qwen_05b(tokenizer_dir: Path, out: Path) -> Path:
+    """A Qwen2-0.5B-shaped model with random weights (the tokenizer's vocabulary), saved in bf16."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def run_one(work: Path, model: Path, strategy: str, steps: int, batch: int, max_length: int) -> dict:
     """Submit one train task to a fresh store and run it in this process, as the worker would."""
     settings = load_settings(

@@ -30,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from service_train import synthetic_chats
+from service_train import build_qwen_05b, synthetic_chats
 from transformers import TrainerCallback
 
 from entity.train import TrainRequest
@@ -61,30 +61,6 @@ class StepTimer(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.marks.append((time.perf_counter(), int(state.num_input_tokens_seen or 0)))
-
-
-def build_qwen_05b(tokenizer_dir: Path, out: Path) -> Path:
-    """A Qwen2-0.5B-shaped model with random weights (the tokenizer's vocabulary), saved in bf16."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def summarize(name: str, timer: StepTimer, trainer: Any, warmup: int, n_params: int, lora: bool) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from entity.common import ModelRef
 from entity.task import TaskOut
 
 Metric = Literal["loss", "perplexity", "accuracy", "bleu", "rouge_l"]
@@ -19,15 +20,9 @@ class GenerationParams(BaseModel):
     temperature: float = Field(0.0, ge=0, le=2, description="0 (the default) is greedy, deterministic decoding.")
 
 
-class EvalRequest(BaseModel):
+class EvalRequest(ModelRef):
     """Body of POST /api/eval/evaluate."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(
-        None, description="Base model name, a succeeded train task's id, or a model folder; default: the base model."
-    )
-    model_path: str | None = Field(None, description="Same as `model` (the older name).")
     dataset_path: str = Field(..., description="Chat data (relative to the data dir); the last turn is the answer.")
     metrics: list[Metric] = Field(default_factory=lambda: ["loss", "perplexity", "accuracy"], min_length=1)
     accuracy_mode: AccuracyMode = Field("exact_match", description="Which comparison `accuracy` reports.")
@@ -43,18 +38,11 @@ class EvalRequest(BaseModel):
     wait: bool = Field(False, description="Block until the evaluation has finished and return the task.")
 
     @model_validator(mode="after")
-    def _checks(self) -> "EvalRequest":
-        """One model field; no repeated metric."""
-        if self.model is not None and self.model_path is not None and self.model != self.model_path:
-            raise ValueError("give model or model_path, not both")
+    def _distinct_metrics(self) -> "EvalRequest":
+        """No repeated metric."""
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError("metrics must not repeat")
         return self
-
-    @property
-    def model_ref(self) -> str | None:
-        """The model identifier, whichever field carried it."""
-        return self.model if self.model is not None else self.model_path
 
 
 class EvalStarted(BaseModel):

@@ -2,8 +2,9 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field
 
+from entity.common import ModelRef
 from entity.task import TaskOut
 
 # torch.onnx's legacy exporter writes opsets 14-20 (14 is the first with scaled-dot-product attention);
@@ -12,30 +13,12 @@ MIN_OPSET = 14
 MAX_OPSET = 23
 
 
-class ExportBase(BaseModel):
+class ExportBase(ModelRef):
     """Fields every export takes."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(
-        None, description="Base model name, a succeeded train task's id, or a model folder; default: the base model."
-    )
-    model_path: str | None = Field(None, description="Same as `model` (the older name).")
     output_path: str | None = Field(None, description="Relative to the model dir; default exports/<task_id>.")
     overwrite: bool = Field(False, description="Allow replacing an existing output.")
     wait: bool = Field(False, description="Block until the export has finished and return the task.")
-
-    @model_validator(mode="after")
-    def _one_model(self) -> "ExportBase":
-        """`model` and `model_path` are the same field; give at most one."""
-        if self.model is not None and self.model_path is not None and self.model != self.model_path:
-            raise ValueError("give model or model_path, not both")
-        return self
-
-    @property
-    def model_ref(self) -> str | None:
-        """The model identifier, whichever field carried it."""
-        return self.model if self.model is not None else self.model_path
 
 
 class OnnxExportRequest(ExportBase):
