@@ -301,11 +301,8 @@ class InferenceService:
         """Blocking: answer in order, same-setting requests sharing generate() calls of batch_size rows."""
         started = time.perf_counter()
         rows = [self.prepare(r, path) for r in requests]
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, row in enumerate(rows):
-            groups.setdefault(row.sampling_key, []).append(i)
         answers: dict[int, ChatResponse] = {}
-        for indices in groups.values():
+        for indices in group_rows(dict(enumerate(rows))):
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start : start + batch_size]
                 outputs = self._generate([rows[i] for i in chunk])
@@ -395,11 +392,8 @@ class InferenceService:
                 items[i].error = ItemError(type="validation_error", message=_first_error(exc), status_code=422)
             except AppError as exc:
                 items[i].error = ItemError(type=exc.error_type, message=exc.message, status_code=exc.status_code)
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, row in prepared.items():
-            groups.setdefault(row.sampling_key, []).append(i)
         calls = 0
-        for indices in groups.values():
+        for indices in group_rows(prepared):
             rows = [prepared[i] for i in indices]
             try:
                 outputs = await self._run_slot(lambda rows=rows: self._generate(rows))
@@ -434,6 +428,14 @@ class InferenceService:
                 created = (task.finished_at or task.created_at).timestamp()
                 found.append((task.id, out, created))
         return found
+
+
+def group_rows(rows: dict[int, Prepared]) -> list[list[int]]:
+    """Indices of rows that can share one generate() call (same model and sampling settings), in order."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, row in rows.items():
+        groups.setdefault(row.sampling_key, []).append(i)
+    return list(groups.values())
 
 
 def _first_error(exc: ValidationError) -> str:
