@@ -55,6 +55,10 @@ class TrainConfig(BaseModel):
         "CUDA when liger-kernel is installed.",
     )
     torch_compile: bool = Field(False, description="Compile the model with torch.compile (slow first steps).")
+    num_gpus: int | None = Field(
+        None, ge=1, le=64, description="Processes (one per GPU) for this task; default train.num_gpus of the config."
+    )
+    distributed: Literal["ddp", "fsdp"] | None = Field(None, description="Default train.distributed of the config.")
     lora_config: LoraConfigIn | None = None
 
     @model_validator(mode="after")

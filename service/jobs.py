@@ -30,6 +30,7 @@ class RunningJob:
     pid: int
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    slots: int = 1
 
     def end_reason(self) -> str | None:
         """Why the process ended, or None while it runs."""
@@ -75,6 +76,26 @@ def default_slots() -> int:
         return max(1, torch.cuda.device_count())
     except Exception:  # noqa: BLE001 - torch missing or broken means CPU
         return 1
+
+
+def task_processes(task: TaskRow) -> int:
+    """How many processes a task runs (a distributed training task runs one per GPU)."""
+    return int((task.request.get("resolved") or {}).get("num_processes") or 1)
+
+
+def task_slots(task: TaskRow, slots: int) -> int:
+    """Job slots a task takes: one per GPU it uses on a GPU server, one on CPU."""
+    return min(slots, task_processes(task)) if _has_cuda() else 1
+
+
+def _has_cuda() -> bool:
+    """Whether CUDA is usable here."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - torch missing or broken means CPU
+        return False
 
 
 def describe_exit(code: int) -> str:
@@ -142,7 +163,8 @@ class JobRunner:
         for task in self.store.with_status(TaskStatus.running):
             if task.pid and is_worker_of(task.pid, task.id):
                 log.info("adopting live worker pid=%s of task %s", task.pid, task.id)
-                self._running[task.id] = RunningJob(task.id, task.pid, self.log_path(task.id))
+                cost = task_slots(task, self.slots)
+                self._running[task.id] = RunningJob(task.id, task.pid, self.log_path(task.id), slots=cost)
                 continue
             self.store.move(task.id, TaskStatus.failed, (TaskStatus.running,), RESTART_ERROR, error=RESTART_ERROR)
 
@@ -200,11 +222,13 @@ class JobRunner:
         """One scheduling pass: reap, then fill free slots in queue order."""
         self._reap()
         with self._lock:
-            free = self.slots - len(self._running)
-        if free <= 0:
-            return
-        for task in self.store.with_status(TaskStatus.queued)[:free]:
-            self._spawn(task)
+            free = self.slots - sum(job.slots for job in self._running.values())
+        for task in self.store.with_status(TaskStatus.queued):
+            cost = task_slots(task, self.slots)
+            if cost > free:
+                break  # first come, first served: a 2-GPU task waits for 2 free GPUs, nothing jumps ahead
+            self._spawn(task, cost)
+            free -= cost
 
     def _reap(self) -> None:
         """Record the end of every child that has exited."""
@@ -221,21 +245,25 @@ class JobRunner:
             # Only fires if the child died without recording its own outcome.
             self.store.move(job.task_id, TaskStatus.failed, (TaskStatus.running,), reason, error=error)
 
-    def _spawn(self, task: TaskRow) -> None:
-        """Start a child process for a queued task."""
+    def _spawn(self, task: TaskRow, cost: int = 1) -> None:
+        """Start a child process for a queued task (torchrun with one process per GPU when it is distributed)."""
         log_path = self.log_path(task.id)
+        args = ["service.worker", "--task-id", task.id]
+        processes = task_processes(task)
+        if processes > 1:
+            args = ["torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", *args]
         with self._lock:
             # Claim the task before starting; the lock keeps a concurrent cancel from slipping between.
             if not self.store.transition(task.id, TaskStatus.running, (TaskStatus.queued,)):
                 return
             try:
-                proc = spawn_worker(self.settings, ["service.worker", "--task-id", task.id], log_path)
+                proc = spawn_worker(self.settings, args, log_path)
             except OSError as exc:
                 self.store.transition(
                     task.id, TaskStatus.failed, (TaskStatus.running,), error=f"could not start worker: {exc}"
                 )
                 return
-            self._running[task.id] = RunningJob(task.id, proc.pid, log_path, proc)
+            self._running[task.id] = RunningJob(task.id, proc.pid, log_path, proc, slots=cost)
             self.store.set_pid(task.id, proc.pid)
         self.store.add_event(task.id, "status", "running", {"status": "running", "pid": proc.pid})
         log.info("started task %s (%s) as pid %s", task.id, task.kind, proc.pid)
@@ -252,6 +280,9 @@ def spawn_worker(settings: Settings, module_args: list[str], log_path: Path) -> 
         "WT_SETTINGS_JSON": settings.model_dump_json(exclude={"auth"}),  # workers need no keys
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # NVLink multicast stays off: on shared multi-GPU hosts it can take every GPU out of service.
+        "NCCL_NVLS_ENABLE": "0",
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     }
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as out:
@@ -267,26 +298,38 @@ def spawn_worker(settings: Settings, module_args: list[str], log_path: Path) -> 
 
 
 def terminate_group(pid: int, proc: subprocess.Popen[bytes] | None, grace: float) -> None:
-    """SIGTERM a worker's process group, then SIGKILL it after `grace` seconds."""
+    """SIGTERM a worker's process group and every descendant, then SIGKILL what is left after `grace` seconds.
+
+    Descendants are found by walking the process tree, because torchrun starts each rank in a session of its own.
+    """
+    import psutil
+
     try:
         pgid = os.getpgid(pid)
-    except ProcessLookupError:
+        tree = psutil.Process(pid).children(recursive=True)
+    except (ProcessLookupError, psutil.NoSuchProcess):
         return
     # Never signal our own group (an adopted process may share it); kill just that pid then.
     own_group = pgid == os.getpgrp()
-    kill, target = (os.kill, pid) if own_group else (os.killpg, pgid)
-    try:
-        kill(target, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+
+    def signal_all(sig: signal.Signals) -> None:
+        try:
+            os.kill(pid, sig) if own_group else os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        for child in tree:
+            try:
+                child.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+
+    signal_all(signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if (proc.poll() is not None) if proc else not pid_alive(pid):
+        root_done = (proc.poll() is not None) if proc else not pid_alive(pid)
+        if root_done and not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in tree):
             break
         time.sleep(0.1)
-    try:
-        kill(target, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    signal_all(signal.SIGKILL)
     if proc is not None:
         proc.wait(timeout=5)

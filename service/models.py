@@ -163,6 +163,13 @@ def pick_device() -> tuple[str, str]:
     return "cpu", "float32"
 
 
+def gpu_count() -> int:
+    """Visible CUDA GPUs (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def liger_available() -> bool:
     """Whether Liger's fused kernels can be used here (they need CUDA and the liger-kernel package)."""
     import importlib.util

@@ -64,7 +64,11 @@ def format_error(exc: BaseException) -> str:
 
 
 def run_task(settings: Settings, task_id: str) -> int:
-    """Execute one claimed task and record its outcome; return the process exit code."""
+    """Execute one claimed task and record its outcome; return the process exit code.
+
+    Under torchrun every rank runs this: any rank records a failure (the first one wins), rank 0 the success.
+    """
+    rank = int(os.environ.get("RANK", "0"))
     store = TaskStore(settings.paths.db_path)
     task = store.get(task_id)
     if task.status != TaskStatus.running:
@@ -78,12 +82,13 @@ def run_task(settings: Settings, task_id: str) -> int:
         store.move(task_id, TaskStatus.failed, (TaskStatus.running,), str(exc), error=str(exc))
         return 143
     except BaseException as exc:  # noqa: BLE001 - every failure must land in the store
-        error = format_error(exc)
-        store.move(
-            task_id, TaskStatus.failed, (TaskStatus.running,), f"failed: {type(exc).__name__}: {exc}", error=error
-        )
+        where = f"rank {rank}: " if "RANK" in os.environ else ""
+        error = where + format_error(exc)
+        message = f"failed: {where}{type(exc).__name__}: {exc}"
+        store.move(task_id, TaskStatus.failed, (TaskStatus.running,), message, error=error)
         return 1
-    store.move(task_id, TaskStatus.succeeded, (TaskStatus.running,), metrics=metrics, progress=100.0)
+    if rank == 0:
+        store.move(task_id, TaskStatus.succeeded, (TaskStatus.running,), metrics=metrics, progress=100.0)
     return 0
 
 

@@ -51,6 +51,8 @@ class TrainSettings(BaseModel):
     save_steps: int = Field(500, ge=1)
     save_total_limit: int | None = Field(2, ge=1)
     packing: Literal["auto", "on", "off"] = "auto"
+    num_gpus: int | None = Field(None, ge=1)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
 
 class DataSettings(BaseModel):

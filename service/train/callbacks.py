@@ -20,7 +20,7 @@ def finite(value: Any) -> float | None:
 
 
 class StoreProgressCallback(TrainerCallback):
-    """Writes step progress to the task row, and each log record as an event and a JSONL line."""
+    """Writes step progress to the task row, and each log record as an event and a JSONL line (rank 0 only)."""
 
     def __init__(self, store: TaskStore, task_id: str, log_file: Path) -> None:
         """Bind to a task and the trainer_log.jsonl path."""
@@ -32,11 +32,15 @@ class StoreProgressCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         """Record the total step count once the trainer knows it."""
         self.started = time.monotonic()
+        if not state.is_world_process_zero:
+            return
         self.store.update_progress(self.task_id, total_steps=state.max_steps, current_step=0, progress=0.0)
         self.store.add_event(self.task_id, "log", f"training started: {state.max_steps} steps")
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         """Update step, percent, epoch, throughput and ETA."""
+        if not state.is_world_process_zero:
+            return
         elapsed = max(time.monotonic() - self.started, 1e-9)
         step, total = state.global_step, max(state.max_steps, 1)
         tokens = state.num_input_tokens_seen or 0
@@ -59,7 +63,7 @@ class StoreProgressCallback(TrainerCallback):
         **kw: Any,
     ) -> None:
         """Persist a log record (training loss, eval loss, or the final summary)."""
-        if not logs:
+        if not logs or not state.is_world_process_zero:
             return
         record = {"step": state.global_step, "total_steps": state.max_steps, **{k: _json(v) for k, v in logs.items()}}
         with self.log_file.open("a", encoding="utf-8") as fh:
@@ -78,6 +82,8 @@ class StoreProgressCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         """Note each checkpoint."""
+        if not state.is_world_process_zero:
+            return
         self.store.add_event(
             self.task_id,
             "checkpoint",

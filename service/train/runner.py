@@ -46,8 +46,23 @@ def attention_for(cfg: TrainConfig, packing: bool, device: str) -> str | None:
     return "flex_attention" if packing and device == "cuda" else None
 
 
+def distributed_args(distributed: str, device: str) -> dict[str, Any]:
+    """Trainer arguments for a run under torchrun (none for a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {}
+    if distributed == "fsdp":
+        return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}}
+    return {"ddp_backend": "nccl" if device == "cuda" else "gloo", "ddp_find_unused_parameters": False}
+
+
 def build_sft_config(
-    settings: Settings, cfg: TrainConfig, output_dir: Path, has_eval: bool, dtype: str, packing: bool
+    settings: Settings,
+    cfg: TrainConfig,
+    output_dir: Path,
+    has_eval: bool,
+    dtype: str,
+    packing: bool,
+    distributed: dict[str, Any] | None = None,
 ) -> Any:
     """Translate the request into TRL's SFTConfig."""
     from trl import SFTConfig
@@ -88,6 +103,7 @@ def build_sft_config(
         dataloader_num_workers=0,
         **length,
         **eval_args,
+        **(distributed or {}),
     )
 
 
@@ -117,6 +133,10 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
     model_path = Path(resolved["model_path"])
     strategy = STRATEGIES[req.strategy]()
     device, dtype = models.pick_device()
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per rank under torchrun
+        import torch
+
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     packing = packing_for(settings, req.config, device)
     attn = attention_for(req.config, packing, device)
     _event(
@@ -136,7 +156,8 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
     model = strategy.load_model(model_path, dtype, device, attn)
     # An adapter given as the model is already a trainable PeftModel: no second adapter on top.
     peft_config = None if hasattr(model, "peft_config") else strategy.peft_config(req.config)
-    args = build_sft_config(settings, req.config, output_dir, eval_ds is not None, dtype, packing)
+    dist = distributed_args(resolved.get("distributed") or "ddp", device)
+    args = build_sft_config(settings, req.config, output_dir, eval_ds is not None, dtype, packing, dist)
     callbacks = [StoreProgressCallback(store, task_id, output_dir / "trainer_log.jsonl")] if store else []
     trainer = SFTTrainer(
         model=model,
@@ -151,8 +172,8 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
 
 
 def _event(store: TaskStore | None, task_id: str, message: str) -> None:
-    """A log event on the task (when there is a store)."""
-    if store is not None:
+    """A log event on the task (when there is a store; under torchrun from rank 0 only)."""
+    if store is not None and int(os.environ.get("RANK", "0")) == 0:
         store.add_event(task_id, "log", message)
 
 
@@ -164,9 +185,13 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
     is_adapter = hasattr(trainer.model, "peft_config")
     if is_adapter:
         trainable, total = trainer.model.get_nb_trainable_parameters()
-        store.add_event(task_id, "log", f"trainable parameters: {trainable:,} of {total:,}")
+        _event(store, task_id, f"trainable parameters: {trainable:,} of {total:,}")
     result = trainer.train()
-    trainer.save_model(str(output_dir))
+    trainer.save_model(str(output_dir))  # every rank takes part (FSDP gathers shards); rank 0 writes
+    # Evaluation is collective under torchrun: every rank runs it before rank 0 alone writes the rest.
+    eval_metrics = numeric_metrics(trainer.evaluate()) if eval_ds is not None else {}
+    if not trainer.is_world_process_zero():
+        return numeric_metrics(result.metrics)
     tokenizer.save_pretrained(str(output_dir))
     (output_dir / "training_args.json").write_text(
         json.dumps(
@@ -176,6 +201,7 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
                 "base_model": str(model_path),
                 "device": built.device,
                 "dtype": built.dtype,
+                "world_size": args.world_size,
                 "sft_config": args.to_dict(),
             },
             indent=2,
@@ -187,8 +213,7 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
     metrics["final_loss"] = finite(_last_loss(trainer.state.log_history))
     metrics["global_step"] = trainer.state.global_step
     metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
-    if eval_ds is not None:
-        metrics.update(numeric_metrics(trainer.evaluate()))
+    metrics.update(eval_metrics)
     store.add_event(task_id, "log", f"saved {'adapter' if is_adapter else 'model'} to {output_dir}")
     log.info("task %s done in pid %s", task_id, os.getpid())
     return metrics

@@ -15,9 +15,15 @@ from util.settings import Settings
 
 
 def task_request(
-    req: TrainRequest, dataset: Path, eval_dataset: Path | None, model_path: Path, output_dir: Path
+    req: TrainRequest,
+    dataset: Path,
+    eval_dataset: Path | None,
+    model_path: Path,
+    output_dir: Path,
+    num_processes: int = 1,
+    distributed: str = "ddp",
 ) -> dict[str, Any]:
-    """The stored request of a train task: what the client asked, plus the paths it resolved to."""
+    """The stored request of a train task: what the client asked, plus what it resolved to."""
     return {
         "train": req.model_dump(),
         "resolved": {
@@ -25,6 +31,8 @@ def task_request(
             "eval_dataset_path": str(eval_dataset) if eval_dataset else None,
             "model_path": str(model_path),
             "output_dir": str(output_dir),
+            "num_processes": num_processes,
+            "distributed": distributed,
         },
     }
 
@@ -70,6 +78,17 @@ class TrainService:
             )
         return path
 
+    def _processes(self, req: TrainRequest) -> int:
+        """How many processes the task runs: one per GPU (all visible by default), or as asked on CPU."""
+        gpus = models.gpu_count()
+        wanted = req.config.num_gpus or self.settings.train.num_gpus or max(1, gpus)
+        if gpus and wanted > gpus:
+            raise InvalidInputError(
+                f"num_gpus {wanted} is more than the {gpus} GPU(s) this server sees.",
+                details={"num_gpus": wanted, "visible_gpus": gpus},
+            )
+        return wanted
+
     def start(self, req: TrainRequest) -> TaskRow:
         """Check everything that can be checked now, then queue the training task."""
         if req.strategy not in STRATEGIES:
@@ -88,5 +107,7 @@ class TrainService:
         model_path = models.resolve_model(req.config.model_path, self.settings)
         task_id = self.runner.store.new_id()
         output_dir = self._output_dir(req.output_dir, task_id, req.overwrite)
-        request = task_request(req, dataset, eval_dataset, model_path, output_dir)
+        distributed = req.config.distributed or self.settings.train.distributed
+        processes = self._processes(req)
+        request = task_request(req, dataset, eval_dataset, model_path, output_dir, processes, distributed)
         return self.runner.submit(TaskKind.train, request, str(output_dir), task_id)
