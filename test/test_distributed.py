@@ -81,3 +81,14 @@ def test_num_gpus_out_of_range_is_422(client, num_gpus):
     client.post("/api/data/upload", files={"file": ("train_sample.json", SAMPLE.read_bytes())})
     body = {"strategy": "lora", "dataset_path": "uploads/train_sample.json", "config": {"num_gpus": num_gpus}}
     assert client.post("/api/train/start", json=body).status_code == 422
+
+
+def test_fsdp_without_gpus_is_422(client):
+    client.post("/api/data/upload", files={"file": ("train_sample.json", SAMPLE.read_bytes())})
+    body = {
+        "strategy": "trl",
+        "dataset_path": "uploads/train_sample.json",
+        "config": {"num_gpus": 2, "distributed": "fsdp"},
+    }
+    r = client.post("/api/train/start", json=body)
+    assert r.status_code == 422 and "FSDP needs CUDA" in r.json()["error"]["message"]

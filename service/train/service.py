@@ -109,5 +109,7 @@ class TrainService:
         output_dir = self._output_dir(req.output_dir, task_id, req.overwrite)
         distributed = req.config.distributed or self.settings.train.distributed
         processes = self._processes(req)
+        if distributed == "fsdp" and processes > 1 and not models.gpu_count():
+            raise InvalidInputError('FSDP needs CUDA GPUs; on CPU use "distributed": "ddp".')
         request = task_request(req, dataset, eval_dataset, model_path, output_dir, processes, distributed)
         return self.runner.submit(TaskKind.train, request, str(output_dir), task_id)
