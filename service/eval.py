@@ -21,7 +21,7 @@ from service.data import load_conversations, read_records
 from service.jobs import JobRunner
 from service.models import LoadedModel, ModelCache
 from service.tasks import TaskStore
-from util.errors import InvalidInputError, NotFoundError
+from util.errors import ConflictError, InvalidInputError, NotFoundError
 from util.paths import resolve_client_path
 from util.settings import Settings
 
@@ -172,7 +172,7 @@ class EvalService:
         task_id = self.runner.store.new_id()
         output = resolve_client_path(req.output_dir or f"evals/{task_id}", self.settings.data_dir, self.settings.roots)
         if (output / "evaluation_results.json").exists():
-            raise InvalidInputError(f"output_dir '{output}' already holds evaluation results; choose another.")
+            raise ConflictError(f"output_dir '{output}' already holds evaluation results; choose another.")
         request = {
             "eval": req.model_dump(),
             "resolved": {

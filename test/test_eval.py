@@ -192,3 +192,6 @@ def test_eval_bad_input(client, settings, qa_file):
     r = _evaluate(client, dataset_path="eval/qa.jsonl", backend="evalscope", evalscope_dataset="general_mcq")
     assert r.status_code == 422 and "MCQ" in r.json()["error"]["message"]
     assert client.get("/api/train/tasks?kind=eval").json()["total"] == 0  # nothing was queued
+    (settings.data_dir / "evals" / "done").mkdir(parents=True)
+    (settings.data_dir / "evals" / "done" / "evaluation_results.json").write_text("{}")
+    assert _evaluate(client, output_dir="evals/done").status_code == 409
