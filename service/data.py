@@ -143,8 +143,23 @@ def normalize_record(obj: Any) -> tuple[str, list[Message]]:
         if isinstance(obj.get("system"), str) and obj["system"].strip():
             messages.append({"role": "system", "content": obj["system"].strip()})
         messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": _content(obj["output"], 1)}]
+    elif "question" in obj and "answer" in obj:  # GSM8K: the answer keeps its reasoning and '#### N' line
+        fmt = "gsm8k"
+        messages = [
+            {"role": "user", "content": _content(obj["question"], 0)},
+            {"role": "assistant", "content": _content(obj["answer"], 1)},
+        ]
+    elif "query" in obj and "response" in obj:  # single-turn QA (evalscope's general_qa files)
+        fmt = "qa"
+        messages = [
+            {"role": "user", "content": _content(obj["query"], 0)},
+            {"role": "assistant", "content": _content(obj["response"], 1)},
+        ]
     else:
-        raise RecordInvalid("unknown format: expected 'conversations', 'messages' or 'instruction'/'output' keys")
+        raise RecordInvalid(
+            "unknown format: expected 'conversations', 'messages', 'instruction'/'output', 'question'/'answer' "
+            "(GSM8K) or 'query'/'response' keys"
+        )
     check_conversation(messages)
     return fmt, messages
 

@@ -23,13 +23,15 @@ def validate(client, path: str, **params):
 
 
 def test_validate_accepts_every_format(client, settings):
-    write_jsonl(settings.data_dir / "mixed.jsonl", [CONV, MESSAGES, SHAREGPT, ALPACA, CONV])
+    gsm8k = {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7.\n#### 7"}
+    qa = {"query": "Capital of France?", "response": "Paris"}
+    write_jsonl(settings.data_dir / "mixed.jsonl", [CONV, MESSAGES, SHAREGPT, ALPACA, CONV, gsm8k, qa])
     r = validate(client, "mixed.jsonl")
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["valid"] is True
-    assert (body["total"], body["valid_count"], body["invalid_count"]) == (5, 5, 0)
-    assert body["formats"] == {"conversations": 2, "messages": 1, "sharegpt": 1, "alpaca": 1}
+    assert (body["total"], body["valid_count"], body["invalid_count"]) == (7, 7, 0)
+    assert body["formats"] == {"conversations": 2, "messages": 1, "sharegpt": 1, "alpaca": 1, "gsm8k": 1, "qa": 1}
     stats = body["token_stats"]
     assert 0 < stats["min"] <= stats["median"] <= stats["p95"] <= stats["max"]
     assert stats["over_max_length"] == 0
