@@ -29,6 +29,8 @@ from util.settings import Settings
 log = logging.getLogger(__name__)
 
 AUTOSAVE = "autosave"
+IDLE_BACKOFF_AFTER = 5.0  # seconds without a job before polling slows down
+IDLE_POLL = 0.25
 
 
 class JobError(Exception):
@@ -285,7 +287,9 @@ def serve(settings: Settings, run_id: str) -> int:
                 if time.monotonic() - idle_since > settings.runs.idle_ttl_seconds:
                     pause(state, store, "idle")
                     return 0
-                time.sleep(settings.runs.poll_interval)
+                # Poll fast while a client is busy with the run, more slowly once it has been quiet a while.
+                quiet = time.monotonic() - idle_since
+                time.sleep(settings.runs.poll_interval if quiet < IDLE_BACKOFF_AFTER else IDLE_POLL)
                 continue
             try:
                 result = execute(state, store, job.kind, job.request)
