@@ -129,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
-    target: Any = create_app(settings)
+    target: Any
     if args.reload:  # uvicorn re-imports the app in a fresh process: hand it the settings through the env
         os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude={"auth"})
         os.environ[CONFIG_ENV] = str(args.config or "")
         target = "main:create_app_from_env"
+    else:
+        target = create_app(settings)
     uvicorn.run(
         target,
         factory=args.reload,

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from util.errors import AppError
+from util.errors import AppError, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,6 @@ def error_response(
     return JSONResponse(status_code=status, content={"error": error}, headers=headers)
 
 
-def _validation_message(errors: list[dict[str, Any]]) -> str:
-    """Summarise pydantic errors as 'field: problem; ...'."""
-    parts = []
-    for err in errors[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-    return "; ".join(parts) or "invalid request"
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers on an app."""
 
@@ -48,7 +39,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-        return error_response(422, "validation_error", _validation_message(errors), errors, request)
+        return error_response(422, "validation_error", validation_message(errors), errors, request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

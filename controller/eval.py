@@ -3,6 +3,7 @@
 from fastapi import APIRouter, Response
 
 from controller.deps import EvalServiceDep, SettingsDep, StoreDep
+from controller.tasks import queued_or_finished
 from entity.eval import EvalRequest, EvalStarted
 from entity.task import TaskOut
 
@@ -15,12 +16,10 @@ async def evaluate(
 ) -> EvalStarted:
     """Queue an eval task (202), or with `wait` return it finished (200), succeeded or failed."""
     task = service.start(req)
-    started = EvalStarted(task_id=task.id, status=task.status, output_dir=task.output_dir or "")
-    if not req.wait:
-        response.status_code = 202
-        return started
-    final = await store.wait_terminal(task.id, settings.jobs.poll_interval)
-    return started.model_copy(update={"status": final.status, "task": TaskOut.model_validate(final)})
+    final = await queued_or_finished(task, req.wait, store, settings.jobs.poll_interval, response)
+    return EvalStarted(
+        task_id=task.id, status=final.status, output_dir=task.output_dir or "", task=final if req.wait else None
+    )
 
 
 @router.get("/status/{task_id}", response_model=TaskOut)

@@ -4,6 +4,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
 from controller.deps import ExportServiceDep, SettingsDep, StoreDep
+from controller.tasks import queued_or_finished
 from entity.export import ArchiveExportRequest, ExportStarted, MergedExportRequest, OnnxExportRequest
 from entity.task import TaskOut, TaskRow
 
@@ -14,12 +15,10 @@ async def _answer(
     task: TaskRow, wait: bool, store: StoreDep, settings: SettingsDep, response: Response
 ) -> ExportStarted:
     """202 with the task id, or with `wait` 200 and the finished task (its metrics hold the verification)."""
-    started = ExportStarted(task_id=task.id, status=task.status, output_path=task.output_dir or "")
-    if not wait:
-        response.status_code = 202
-        return started
-    final = await store.wait_terminal(task.id, settings.jobs.poll_interval)
-    return started.model_copy(update={"status": final.status, "task": TaskOut.model_validate(final)})
+    final = await queued_or_finished(task, wait, store, settings.jobs.poll_interval, response)
+    return ExportStarted(
+        task_id=task.id, status=final.status, output_path=task.output_dir or "", task=final if wait else None
+    )
 
 
 @router.post("/onnx", response_model=ExportStarted, status_code=200)

@@ -12,7 +12,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from controller.deps import InferenceServiceDep
 from entity.inference import OpenAIChatRequest, OpenAIModel, OpenAIModelList
-from util.errors import InvalidInputError
+from util.errors import InvalidInputError, validation_message
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -65,8 +65,7 @@ async def chat_completions(
     try:
         chat = req.to_chat(service.settings.models.base_model)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise InvalidInputError(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from exc
+        raise InvalidInputError(validation_message(exc.errors())) from exc
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     if req.stream:
         prepared = await service.prepare_async(chat)

@@ -22,6 +22,7 @@ from service.jobs import JobRunner
 from service.models import LoadedModel, ModelCache
 from service.tasks import TaskStore
 from util.errors import ConflictError, InvalidInputError, NotFoundError
+from util.files import write_json
 from util.paths import resolve_client_path
 from util.settings import Settings
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 Message = dict[str, str]
 MCQ_FIELDS = ("question", "A", "B", "C", "D", "answer")
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+RESULTS_FILE = "evaluation_results.json"
 HIGHER_IS_BETTER = {"accuracy", "exact_match", "contains", "numeric", "bleu", "rouge_l"}
 
 
@@ -171,7 +173,7 @@ class EvalService:
             raise InvalidInputError("compare_with is only supported with the native backend.")
         task_id = self.runner.store.new_id()
         output = resolve_client_path(req.output_dir or f"evals/{task_id}", self.settings.data_dir, self.settings.roots)
-        if (output / "evaluation_results.json").exists():
+        if (output / RESULTS_FILE).exists():
             raise ConflictError(f"output_dir '{output}' already holds evaluation results; choose another.")
         request = {
             "eval": req.model_dump(),
@@ -273,7 +275,7 @@ def run_eval(settings: Settings, store: TaskStore, task_id: str, request: dict[s
     dataset, model_path = Path(resolved["dataset_path"]), Path(resolved["model_path"])
     if req.backend == "evalscope":
         result = run_evalscope(model_path, dataset, req, output, store, task_id)
-        _write_results(output, {"results": result, "config": req.model_dump(), "resolved": resolved})
+        write_json(output / RESULTS_FILE, {"results": result, "config": req.model_dump(), "resolved": resolved})
         return result
     conversations = load_conversations(dataset)[: req.max_samples]
     if not conversations:
@@ -300,16 +302,9 @@ def run_eval(settings: Settings, store: TaskStore, task_id: str, request: dict[s
             if k != "assistant_tokens"
         }
         details["compare_predictions"] = other_predictions
-    _write_results(output, {"results": result, "config": req.model_dump(), "resolved": resolved, **details})
-    result["results_file"] = str(output / "evaluation_results.json")
+    write_json(output / RESULTS_FILE, {"results": result, "config": req.model_dump(), "resolved": resolved, **details})
+    result["results_file"] = str(output / RESULTS_FILE)
     return result
-
-
-def _write_results(output: Path, data: dict[str, Any]) -> None:
-    """Write evaluation_results.json atomically."""
-    tmp = output / "evaluation_results.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    tmp.replace(output / "evaluation_results.json")
 
 
 # -- evalscope backend ------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import json
 import logging
 import shutil
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from service import models
 from service.jobs import JobRunner
 from service.tasks import TaskStore
 from util.errors import ConflictError, InvalidInputError, NotFoundError
+from util.files import fresh_dir, publish, write_json
 from util.paths import resolve_client_path
 from util.settings import Settings
 
@@ -155,28 +155,6 @@ def require(verification: dict[str, Any]) -> None:
     """Refuse to publish an export whose verification failed; the task fails with the figures."""
     if not verification["passed"]:
         raise VerificationError(f"verification failed, nothing was written: {json.dumps(verification)}")
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write a JSON file atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)
-
-
-def fresh_dir(output: Path) -> Path:
-    """An empty staging folder next to `output`; publish() moves it into place."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-
-
-def publish(staging: Path, output: Path) -> None:
-    """Replace `output` with the finished staging folder or file, so a failed export leaves no half output."""
-    if output.is_dir():
-        shutil.rmtree(output)
-    elif output.exists():
-        output.unlink()
-    staging.replace(output)
 
 
 def load_fp32(path: Path) -> Any:

@@ -19,7 +19,7 @@ from entity.task import TaskKind, TaskStatus
 from service import models
 from service.models import LoadedModel, ModelCache
 from service.tasks import TaskStore
-from util.errors import AppError, InvalidInputError
+from util.errors import AppError, InvalidInputError, validation_message
 from util.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -211,10 +211,8 @@ class InferenceService:
 
         loaded, first = rows[0].loaded, rows[0].request
         pad_id = loaded.tokenizer.pad_token_id
-        width = max(len(r.prompt_ids) for r in rows)
-        # Left padding keeps every row's last prompt token at the same position for decoding.
-        input_ids = torch.tensor([[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows])
+        input_ids, mask = models.left_pad([r.prompt_ids for r in rows], pad_id, loaded.device)
+        width = input_ids.shape[1]
         greedy = first.temperature == 0
         config = GenerationConfig(
             # A long prompt next to a long answer must still fit the context; such rows end with "length".
@@ -228,8 +226,8 @@ class InferenceService:
         )
         kwargs: dict[str, Any] = {
             "past_key_values": self._static_cache(loaded, width + config.max_new_tokens),
-            "input_ids": input_ids.to(loaded.device),
-            "attention_mask": mask.to(loaded.device),
+            "input_ids": input_ids,
+            "attention_mask": mask,
             "generation_config": config,
             "stopping_criteria": [_stopping_criteria(loaded, rows, width, cancel or threading.Event())],
             "streamer": streamer,
@@ -389,7 +387,9 @@ class InferenceService:
             try:
                 prepared[i] = await self.prepare_async(ChatRequest.model_validate(body))
             except ValidationError as exc:
-                items[i].error = ItemError(type="validation_error", message=_first_error(exc), status_code=422)
+                items[i].error = ItemError(
+                    type="validation_error", message=validation_message(exc.errors()), status_code=422
+                )
             except AppError as exc:
                 items[i].error = ItemError(type=exc.error_type, message=exc.message, status_code=exc.status_code)
         calls = 0
@@ -436,10 +436,3 @@ def group_rows(rows: dict[int, Prepared]) -> list[list[int]]:
     for i, row in rows.items():
         groups.setdefault(row.sampling_key, []).append(i)
     return list(groups.values())
-
-
-def _first_error(exc: ValidationError) -> str:
-    """A one-line summary of a pydantic error: 'field: problem'."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()))
-    return f"{loc}: {err.get('msg')}" if loc else str(err.get("msg"))

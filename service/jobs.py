@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from entity.task import TaskKind, TaskRow, TaskStatus
+from service import models
 from service.tasks import TaskStore
 from util.errors import ConflictError
 from util.settings import PROJECT_ROOT, Settings
@@ -85,17 +86,7 @@ def task_processes(task: TaskRow) -> int:
 
 def task_slots(task: TaskRow, slots: int) -> int:
     """Job slots a task takes: one per GPU it uses on a GPU server, one on CPU."""
-    return min(slots, task_processes(task)) if _has_cuda() else 1
-
-
-def _has_cuda() -> bool:
-    """Whether CUDA is usable here."""
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001 - torch missing or broken means CPU
-        return False
+    return min(slots, task_processes(task)) if models.gpu_count() else 1
 
 
 def describe_exit(code: int) -> str:
@@ -232,16 +223,7 @@ class JobRunner:
 
     def _reap(self) -> None:
         """Record the end of every child that has exited."""
-        with self._lock:
-            jobs = list(self._running.values())
-        for job in jobs:
-            reason = job.end_reason()
-            if reason is None:
-                continue
-            with self._lock:
-                self._running.pop(job.task_id, None)
-            tail = read_tail(job.log_path)
-            error = f"{reason}\n{tail}".strip() if tail else reason
+        for job, reason, error in take_ended(self._running, self._lock):
             # Only fires if the child died without recording its own outcome.
             self.store.move(job.task_id, TaskStatus.failed, (TaskStatus.running,), reason, error=error)
 
@@ -271,6 +253,24 @@ class JobRunner:
     def _kill(self, job: RunningJob) -> None:
         """Terminate a child's whole process group: SIGTERM, then SIGKILL after the grace period."""
         terminate_group(job.pid, job.proc, self.settings.jobs.cancel_grace_seconds)
+
+
+def take_ended(
+    running: dict[str, RunningJob], lock: threading.RLock, tail_chars: int = LOG_TAIL_CHARS
+) -> list[tuple[RunningJob, str, str]]:
+    """Remove the workers that have exited; each with why it ended and that plus the tail of its log."""
+    with lock:
+        jobs = list(running.values())
+    ended = []
+    for job in jobs:
+        reason = job.end_reason()
+        if reason is None:
+            continue
+        with lock:
+            running.pop(job.task_id, None)
+        tail = read_tail(job.log_path, tail_chars)
+        ended.append((job, reason, f"{reason}\n{tail}".strip()))
+    return ended
 
 
 def spawn_worker(settings: Settings, module_args: list[str], log_path: Path) -> subprocess.Popen[bytes]:

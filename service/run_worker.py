@@ -24,6 +24,7 @@ from service import models
 from service.runs import RunStore, checkpoint_dir
 from service.tasks import make_engine
 from service.worker import Terminated, format_error
+from util.files import fresh_dir, publish, write_json
 from util.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -138,9 +139,8 @@ class RunState:
         if any(not p for p in prompts):
             raise JobError("a prompt is empty")
         pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        ids, mask = models.left_pad(prompts, pad, self.device)
+        width = ids.shape[1]
         eos = sorted(models.eos_ids(self.model, self.tokenizer))
         greedy = req.temperature == 0
         if req.seed is not None:
@@ -183,17 +183,17 @@ class RunState:
 
     def save_state(self, path: Path) -> dict[str, Any]:
         """Save the adapter (a PEFT folder with the tokenizer) and the optimizer state, atomically."""
-        staging = path.with_name(f".{path.name}.partial")
-        if staging.exists():
-            shutil.rmtree(staging)
-        self.model.save_pretrained(staging)
-        self.tokenizer.save_pretrained(staging)
-        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
-        meta = {"run_id": self.run.id, "step": self.steps, "base_model": self.run.base_path, "lora": self.run.lora}
-        (staging / "run_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        if path.exists():
-            shutil.rmtree(path)
-        staging.replace(path)
+        staging = fresh_dir(path)
+        try:
+            self.model.save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
+            torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+            meta = {"run_id": self.run.id, "step": self.steps, "base_model": self.run.base_path, "lora": self.run.lora}
+            write_json(staging / "run_state.json", meta)
+            publish(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return {"path": str(path), "step": self.steps}
 
     def load_state(self, path: Path, with_optimizer: bool) -> dict[str, Any]:
@@ -284,11 +284,11 @@ def serve(settings: Settings, run_id: str) -> int:
             if job is None:
                 if store.get_run(run_id).status != RunStatus.ready:
                     return 0  # deleted (or failed) by the server
-                if time.monotonic() - idle_since > settings.runs.idle_ttl_seconds:
+                quiet = time.monotonic() - idle_since
+                if quiet > settings.runs.idle_ttl_seconds:
                     pause(state, store, "idle")
                     return 0
                 # Poll fast while a client is busy with the run, more slowly once it has been quiet a while.
-                quiet = time.monotonic() - idle_since
                 time.sleep(settings.runs.poll_interval if quiet < IDLE_BACKOFF_AFTER else IDLE_POLL)
                 continue
             try:

@@ -34,7 +34,7 @@ from entity.runs import (
 )
 from entity.task import utcnow
 from service import models
-from service.jobs import RunningJob, is_worker_of, read_tail, spawn_worker, terminate_group
+from service.jobs import RunningJob, is_worker_of, spawn_worker, take_ended, terminate_group
 from service.tasks import TaskStore
 from util.errors import AppError, ConflictError, InvalidInputError, NotFoundError
 from util.paths import resolve_client_path
@@ -250,16 +250,8 @@ class RunService:
     def _watch(self) -> None:
         """Notice workers that died without recording why."""
         while not self._stop.wait(0.5):
-            with self._lock:
-                workers = list(self._workers.values())
-            for worker in workers:
-                reason = worker.end_reason()
-                if reason is None:
-                    continue
-                with self._lock:
-                    self._workers.pop(worker.task_id, None)
-                tail = read_tail(worker.log_path, 2000)
-                self._fail(worker.task_id, f"{reason}\n{tail}".strip(), only_live=True)
+            for worker, _, error in take_ended(self._workers, self._lock, 2000):
+                self._fail(worker.task_id, error, only_live=True)
 
     def _fail(self, run_id: str, reason: str, only_live: bool = False) -> None:
         """Mark a run failed (freeing its slot) and fail its unfinished jobs."""

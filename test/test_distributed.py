@@ -69,9 +69,9 @@ def test_a_failing_rank_fails_the_task_with_its_error(client, settings):
 
 def test_gpu_tasks_take_one_slot_per_gpu(monkeypatch):
     task = TaskRow(id="t", kind="train", status="queued", request={"resolved": {"num_processes": 2}})
-    monkeypatch.setattr(jobs, "_has_cuda", lambda: True)
+    monkeypatch.setattr(jobs.models, "gpu_count", lambda: 2)
     assert jobs.task_slots(task, slots=4) == 2
-    monkeypatch.setattr(jobs, "_has_cuda", lambda: False)
+    monkeypatch.setattr(jobs.models, "gpu_count", lambda: 0)
     assert jobs.task_slots(task, slots=4) == 1  # CPU processes share the one CPU slot
     assert jobs.task_processes(TaskRow(id="u", kind="export", status="queued", request={})) == 1
 

@@ -1,5 +1,6 @@
 """Domain errors raised by services and mapped to HTTP responses in one handler."""
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -51,3 +52,12 @@ class AuthenticationError(AppError):
     status_code = 401
     error_type = "authentication_error"
     headers = {"WWW-Authenticate": "Bearer"}
+
+
+def validation_message(errors: Sequence[Any]) -> str:
+    """Summarise pydantic errors as 'field: problem; ...' (request locations like 'body' left out)."""
+    parts = []
+    for err in list(errors)[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
