@@ -1,21 +1,28 @@
 """Training throughput, side by side in one run: TRL defaults, TRL's best setting, and the service's path.
 
 Variants (same model shape, data, optimizer settings and step count):
-  a        TRL defaults: padded batches of --batch sequences (gradient checkpointing on, TRL's default)
-  b        TRL packing + padding_free + Liger kernels, --budget tokens per step
-  c        the service's training path as a task builds it (build_trainer): packing with document-masked
-           attention (flex attention on CUDA), no gradient checkpointing, fused AdamW, Liger when installed
-  c-sdpa   c with SDPA attention (document masking through a dense mask)
-  c-compile c with torch.compile
-  c-lora   c with LoRA r=16 on all linear layers
+  a          TRL defaults: padded batches of --batch sequences (gradient checkpointing on, TRL's default)
+  b          TRL packing + padding_free + Liger kernels, --budget tokens per step
+  b-nockpt   b with gradient checkpointing off
+  c          the service's training path as a task builds it (build_trainer): packing with document-masked
+             attention (flex attention on CUDA), no gradient checkpointing, fused AdamW, Liger when installed
+  c-sdpa     c with SDPA attention (document masking through a dense mask)
+  c-compile  c with torch.compile
+  c-ckpt     c with gradient checkpointing (b's memory)
+  c-lora     c with LoRA r=16 on all linear layers (the service's LoRA defaults)
+  c-lora-d0  c-lora with lora_dropout 0
+  c-lora-peft c-lora as PEFT has it by default: each adapted layer's input cast to fp32, dropout 0.05
+A variant written NAME@TOKENS runs with TOKENS tokens per step instead of --budget (packed variants).
+With --profile, each service variant then runs a few more steps timed by part (data, forward, backward,
+optimizer), plus one torch.profiler pass whose kernel time is summed by kind (matmul, attention, ...).
 
 Prints real (non-pad) tokens/s over the steps after --warmup, MFU against a bf16 ceiling, peak memory and the
 loss after the last step, the ratios c/a and c/b, and the packed-vs-alone loss gap of one packed batch. Real
 tokens come from the trainer's non-padding count: for padding-free rows it leaves out tokens equal to the pad
 id (SmolLM2's pad is its end-of-turn token), which undercounts the packed variants by a few percent.
 
-Usage: python bench/train_throughput.py --tokenizer DIR [--random-0.5b] [--steps 20] [--variants a,b,c]
-       [--budget 8192] [--batch 8] [--records 600] [--json-out FILE]
+Usage: python bench/train_throughput.py --tokenizer DIR [--random-0.5b] [--steps 20] [--variants a,b,c,c@32768]
+       [--budget 8192] [--batch 8] [--records 600] [--profile] [--json-out FILE]
 """
 
 import argparse
@@ -41,12 +48,23 @@ from service.train.service import task_request
 from util.settings import load_settings
 
 BF16_CEILING = 790e12  # measured bf16 matmul rate of the lent H100 (TFLOP/s x 1e12)
-SERVICE_VARIANTS = {
+SERVICE_VARIANTS: dict[str, dict[str, Any]] = {
     "c": {},
     "c-sdpa": {"attn_implementation": "sdpa"},
     "c-compile": {"torch_compile": True},
+    "c-ckpt": {"gradient_checkpointing": True},
     "c-lora": {"lora": True},
+    "c-lora-d0": {"lora": True, "lora_config": {"lora_dropout": 0.0}},
+    "c-lora-peft": {"lora": True, "peft_casts": True, "lora_config": {"lora_dropout": 0.05}},
 }
+TRL_VARIANTS = ("a", "b", "b-nockpt")
+KERNEL_KINDS = (  # first match wins, on the lower-cased kernel name
+    ("attention", ("flex", "attention", "fmha", "flash")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("cross-entropy", ("cross_entropy", "fused_linear")),
+    ("liger norm/rope/swiglu", ("rms_norm", "rope", "swiglu", "_layer_norm")),
+)
 
 
 class StepTimer(TrainerCallback):
@@ -89,7 +107,9 @@ def fresh_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_trl(name: str, model_dir: Path, data: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_trl(
+    name: str, budget: int, model_dir: Path, data: Path, work: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     """Variant a or b: TRL's SFTTrainer driven directly, as a user would."""
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,11 +122,13 @@ def run_trl(name: str, model_dir: Path, data: Path, work: Path, args: argparse.N
     if name == "a":
         shape = {"per_device_train_batch_size": args.batch, "max_length": args.max_length}
     else:  # the same packed shape as the service's variants: rows of max_length, budget tokens per step
-        rows = max(1, args.budget // args.max_length)
+        rows = max(1, budget // args.max_length)
         shape = {"per_device_train_batch_size": rows, "max_length": args.max_length, "packing": True}
         shape |= {"padding_free": True, "use_liger_kernel": models.liger_available()}
+        if name == "b-nockpt":
+            shape["gradient_checkpointing"] = False
     config = SFTConfig(
-        output_dir=str(work / name),
+        output_dir=str(work / f"{name}-{budget}"),
         max_steps=args.steps,
         learning_rate=1e-4,
         logging_steps=1,
@@ -125,15 +147,20 @@ def run_trl(name: str, model_dir: Path, data: Path, work: Path, args: argparse.N
     trainer.train()
     n_params = sum(p.numel() for p in model.parameters())
     row = summarize(name, timer, trainer, args.warmup, n_params, lora=False)
+    row["gradient_checkpointing"] = bool(config.gradient_checkpointing)
     del trainer, model
     return row
 
 
-def run_service(name: str, model_dir: Path, data: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_service(
+    name: str, budget: int, model_dir: Path, data: Path, work: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     """Variant c*: the trainer a train task builds, from the same request a client would send."""
     fresh_memory()
     extra = dict(SERVICE_VARIANTS[name])
     lora = extra.pop("lora", False)
+    peft_casts = extra.pop("peft_casts", False)
+    lora_config = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"} | extra.pop("lora_config", {})
     settings = load_settings(
         None, {"paths": {"data_dir": work / "data", "model_dir": work / "models", "db_path": work / "t.db"}}
     )
@@ -143,19 +170,23 @@ def run_service(name: str, model_dir: Path, data: Path, work: Path, args: argpar
             "dataset_path": str(data),
             "config": {
                 "max_steps": args.steps,
-                "per_device_train_batch_size": max(1, args.budget // args.max_length),
+                "per_device_train_batch_size": max(1, budget // args.max_length),
                 "max_length": args.max_length,
                 "learning_rate": 1e-4,
                 "save_steps": 10**9,
                 "packing": True,
-                "lora_config": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+                "lora_config": lora_config,
                 **extra,
             },
         }
     )
-    request = task_request(req, data, None, model_dir, work / "out" / name)
+    request = task_request(req, data, None, model_dir, work / "out" / f"{name}-{budget}")
     built = build_trainer(settings, None, name, request)
     trainer = built.trainer
+    if peft_casts:  # undo the service's skipped input casts, to measure what they save
+        for module in trainer.model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = True
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v.to(built.device) if hasattr(v, "to") else v for k, v in batch.items()}
     gaps = packed_loss_gaps(trainer.model.eval(), batch)
@@ -169,8 +200,84 @@ def run_service(name: str, model_dir: Path, data: Path, work: Path, args: argpar
     row["packed_loss_gap_max"] = round(max(g["gap"] for g in gaps), 6)
     row["packed_examples_checked"] = len(gaps)
     row["attention"] = trainer.model.config._attn_implementation
+    row["gradient_checkpointing"] = bool(built.args.gradient_checkpointing)
+    if args.profile:
+        row |= profile_parts(trainer, args.profile_steps)
+        row |= profile_kernels(trainer, work / f"kernels-{name}-{budget}.txt")
     del trainer, built
     return row
+
+
+def sync() -> float:
+    """Wait for the GPU, then read the clock."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def one_step(trainer: Any, it: Any) -> dict[str, float]:
+    """One optimizer step as the trainer takes it, timed by part (ms), each part synchronised."""
+    t0 = sync()
+    batch = trainer._prepare_inputs(next(it))
+    t1 = sync()
+    with trainer.compute_loss_context_manager():
+        loss = trainer.compute_loss(trainer.model, batch)
+    issued = time.perf_counter()
+    t2 = sync()
+    trainer.accelerator.backward(loss)
+    t3 = sync()
+    trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), trainer.args.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    t4 = sync()
+    ms = {"data": t1 - t0, "forward": t2 - t1, "forward_issue": issued - t1, "backward": t3 - t2}
+    ms |= {"optimizer": t4 - t3, "step": t4 - t0}
+    return {k: 1000 * v for k, v in ms.items()} | {"tokens": float(batch["input_ids"].numel())}
+
+
+def profile_parts(trainer: Any, steps: int) -> dict[str, Any]:
+    """Median time of each step part over a few more steps.
+
+    forward_issue is how long the host takes to issue the forward: close to the forward itself means the GPU
+    waits on Python, not the other way round.
+    """
+    import statistics
+
+    trainer.model.train()
+    it = iter(trainer.get_train_dataloader())
+    one_step(trainer, it)  # warm (a new length may compile)
+    samples = [one_step(trainer, it) for _ in range(steps)]
+    tokens = sum(s.pop("tokens") for s in samples)
+    parts = {f"ms_{k}": round(statistics.median(s[k] for s in samples), 2) for k in samples[0]}
+    return parts | {"tokens_per_s_parts": round(1000 * tokens / sum(s["step"] for s in samples), 1)}
+
+
+def profile_kernels(trainer: Any, table_out: Path) -> dict[str, Any]:
+    """GPU kernel time over 3 steps by kind, and how busy the GPU was over their wall time."""
+    if not torch.cuda.is_available():
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    it = iter(trainer.get_train_dataloader())
+    one_step(trainer, it)
+    t0 = sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            one_step(trainer, it)
+    wall_us = 1e6 * (sync() - t0)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_kind: dict[str, float] = {}
+    for event in kernels:
+        name = event.name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + event.device_time_total
+    busy = sum(by_kind.values())
+    table_out.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
+    return {
+        "gpu_busy_pct": round(100 * busy / wall_us, 1),
+        "kernels_per_step": len(kernels) // 3,
+        "kernel_ms_per_step": {k: round(v / 3000, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+    }
 
 
 def main() -> int:
@@ -187,6 +294,8 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--budget", type=int, default=8192, help="tokens per step of the packed variants")
     parser.add_argument("--records", type=int, default=600)
+    parser.add_argument("--profile", action="store_true", help="time service variants by step part")
+    parser.add_argument("--profile-steps", type=int, default=6)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -195,10 +304,19 @@ def main() -> int:
     data.parent.mkdir(parents=True)
     data.write_text("\n".join(json.dumps(c) for c in synthetic_chats(args.records, seed=0)) + "\n")
     rows = []
-    for name in args.variants.split(","):
-        runner = run_trl if name in ("a", "b") else run_service
-        rows.append(runner(name, model_dir, data, work, args))
+    for spec in args.variants.split(","):
+        name, _, budget = spec.partition("@")
+        if name not in TRL_VARIANTS and name not in SERVICE_VARIANTS:
+            parser.error(f"unknown variant {name!r}")
+        runner = run_trl if name in TRL_VARIANTS else run_service
+        tokens = int(budget or args.budget)
+        rows.append(runner(name, tokens, model_dir, data, work, args) | {"variant": spec})
         print(json.dumps(rows[-1]), flush=True)
+        kernel_table = work / f"kernels-{name}-{tokens}.txt"
+        if kernel_table.exists() and args.json_out:  # beside the JSON, to read which kernels took the time
+            (args.json_out.parent / kernel_table.name).write_text(kernel_table.read_text())
+        if args.json_out:  # after every variant, so a run cut short keeps what it measured
+            args.json_out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
     by_name = {r["variant"]: r for r in rows}
     for r in rows:
         for base in ("a", "b"):
@@ -208,6 +326,8 @@ def main() -> int:
     print(f"\ntraining throughput on {device}: {args.steps} steps ({args.warmup} warm-up), budget {args.budget}")
     cols = ["variant", "real_tokens_per_s", "mfu_pct", "peak_mem_gib", "tokens_per_step", "loss_last", "vs_a", "vs_b"]
     cols += ["packed_loss_gap_max", "attention"]
+    if args.profile:
+        cols += ["ms_step", "ms_data", "ms_forward", "ms_forward_issue", "ms_backward", "ms_optimizer", "gpu_busy_pct"]
     print(" | ".join(f"{c:>18}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r.get(c, '')!s:>18}" for c in cols))

@@ -86,3 +86,37 @@ def test_packing_default_and_training_through_the_api(client, settings):
     assert any("packing on" in (e["message"] or "") for e in events)
     liger = client.post("/api/train/start", json={**body, "config": {**body["config"], "use_liger_kernel": True}})
     assert liger.status_code == 422 and "liger" in liger.json()["error"]["message"]
+
+
+def test_lora_inputs_skip_the_fp32_cast_with_the_same_result(settings):
+    """Under bf16 autocast, LoRA layers fed their bf16 input directly give PEFT's own loss and gradients."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from service.train.runner import skip_adapter_input_casts
+
+    base = AutoModelForCausalLM.from_pretrained(settings.base_model_path(), dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.05)
+    ids = torch.randint(0, base.config.vocab_size, (2, 48))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return float(loss), grads
+
+    loss_cast, grads_cast = loss_and_grads()
+    assert skip_adapter_input_casts(model) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    loss_direct, grads_direct = loss_and_grads()
+    with pytest.raises(RuntimeError):  # outside autocast the bf16 input now meets the fp32 adapter directly
+        model(input_ids=ids)
+    assert loss_direct == pytest.approx(loss_cast, abs=1e-6)
+    for name, grad in grads_cast.items():
+        torch.testing.assert_close(grads_direct[name], grad, rtol=0, atol=1e-6, msg=name)
