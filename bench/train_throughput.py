@@ -5,9 +5,12 @@ Variants (same model shape, data, optimizer settings and step count):
   b          TRL packing + padding_free + Liger kernels, --budget tokens per step
   b-nockpt   b with gradient checkpointing off
   c          the service's training path as a task builds it (build_trainer): packing with document-masked
-             attention (flex attention on CUDA), no gradient checkpointing, fused AdamW, Liger when installed
+             attention (varlen FlashAttention on CUDA), no gradient checkpointing, fused AdamW, Liger when installed
+  c-flex     c with flex attention (document masking through a block mask)
   c-sdpa     c with SDPA attention (document masking through a dense mask)
+  c-noliger  c without Liger's layer kernels
   c-compile  c with torch.compile
+  c-compile-noliger c with torch.compile and without Liger (the compiler fuses the norms itself)
   c-ckpt     c with gradient checkpointing (b's memory)
   c-lora     c with LoRA r=16 on all linear layers (the service's LoRA defaults)
   c-lora-d0  c-lora with lora_dropout 0
@@ -50,8 +53,11 @@ from util.settings import load_settings
 BF16_CEILING = 790e12  # measured bf16 matmul rate of the lent H100 (TFLOP/s x 1e12)
 SERVICE_VARIANTS: dict[str, dict[str, Any]] = {
     "c": {},
+    "c-flex": {"attn_implementation": "flex_attention"},
     "c-sdpa": {"attn_implementation": "sdpa"},
+    "c-noliger": {"use_liger_kernel": False},
     "c-compile": {"torch_compile": True},
+    "c-compile-noliger": {"torch_compile": True, "use_liger_kernel": False},
     "c-ckpt": {"gradient_checkpointing": True},
     "c-lora": {"lora": True},
     "c-lora-d0": {"lora": True, "lora_config": {"lora_dropout": 0.0}},
@@ -189,7 +195,7 @@ def run_service(
                 module.cast_input_dtype_enabled = True
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v.to(built.device) if hasattr(v, "to") else v for k, v in batch.items()}
-    gaps = packed_loss_gaps(trainer.model.eval(), batch)
+    gaps = packed_loss_gaps(trainer.model.eval(), batch, alone_attention="sdpa")  # the reference kernel alone
     trainer.model.train()
     fresh_memory()
     timer = StepTimer()

@@ -44,10 +44,11 @@ class TrainConfig(BaseModel):
         "example so attention never crosses examples. A step then holds per_device_train_batch_size x max_length "
         "tokens. Default: train.packing in the config (on with a CUDA GPU).",
     )
-    attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
+    attn_implementation: Literal["auto", "varlen", "flex_attention", "sdpa", "eager"] = Field(
         "auto",
-        description="Attention kernel; auto: flex attention for packed rows on CUDA (document-masked, sparse), "
-        "else the model's default (sdpa).",
+        description="Attention kernel; auto: for packed rows on CUDA, varlen (PyTorch's FlashAttention kernel over "
+        "each example's span; flex attention where PyTorch lacks it), else the model's default (sdpa). varlen needs "
+        "packing and a CUDA GPU.",
     )
     use_liger_kernel: bool | None = Field(
         None,

@@ -11,6 +11,7 @@ from entity.train import TrainConfig, TrainRequest
 from service import models
 from service.data import load_conversations
 from service.tasks import TaskStore
+from service.train import attention
 from service.train.callbacks import StoreProgressCallback, finite
 from service.train.strategies import STRATEGIES
 from util.settings import Settings
@@ -40,10 +41,17 @@ def packing_for(settings: Settings, cfg: TrainConfig, device: str) -> bool:
 
 def attention_for(cfg: TrainConfig, packing: bool, device: str) -> str | None:
     """The attention kernel to load the model with (None: the model's default)."""
-    if cfg.attn_implementation != "auto":
-        return cfg.attn_implementation
-    # Packed rows need document masking; flex attention skips the masked blocks instead of computing them.
-    return "flex_attention" if packing and device == "cuda" else None
+    wanted = cfg.attn_implementation
+    if wanted == "auto":
+        if not (packing and device == "cuda"):
+            return None
+        # Packed rows need document masking: run each example's span alone, or skip the masked blocks.
+        wanted = "varlen" if attention.available() else "flex_attention"
+    if wanted == "varlen":
+        if not (packing and attention.available()):
+            raise ValueError("varlen attention needs packing and a CUDA GPU with PyTorch's varlen attention")
+        return attention.register()
+    return wanted
 
 
 def distributed_args(distributed: str, device: str) -> dict[str, Any]:
@@ -169,23 +177,38 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
         callbacks=callbacks,
     )
     if args.bf16 or args.fp16:
-        skip_adapter_input_casts(trainer.model)
+        adapters_in_compute_dtype(trainer.model)
     return BuiltTrainer(trainer, req, tokenizer, args, device, dtype, output_dir, model_path, eval_ds)
 
 
-def skip_adapter_input_casts(model: Any) -> int:
-    """Let LoRA layers take their bf16/fp16 input as it is; returns how many layers were changed.
+def adapters_in_compute_dtype(model: Any) -> int:
+    """Run LoRA matmuls in the input's dtype (bf16/fp16), with the adapter weights kept in fp32.
 
-    PEFT keeps adapter weights in fp32 and casts each adapted layer's input up to fp32 before the adapter
-    matmuls; under the trainer's autocast those matmuls then cast it straight back down. Skipping the first cast
-    saves two full passes over every adapted layer's input (forward and backward) and changes no result.
+    PEFT keeps adapter weights in fp32 and, without autocast, casts each adapted layer's whole input up to fp32
+    and runs the adapter matmuls in fp32. Casting the small adapter weights down instead saves passes over every
+    adapted layer's input and runs the matmuls on the tensor cores; the optimizer still updates fp32 weights.
+    Returns how many LoRA layers were changed.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    import types
 
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "cast_input_dtype_enabled")]
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "cast_input_dtype_enabled")]
     for layer in layers:
         layer.cast_input_dtype_enabled = False
+        for adapter in (*layer.lora_A.values(), *layer.lora_B.values()):
+            if type(adapter) is torch.nn.Linear:
+                adapter.forward = types.MethodType(_linear_in_input_dtype, adapter)
     return len(layers)
+
+
+def _linear_in_input_dtype(self: Any, x: Any) -> Any:
+    """nn.Linear.forward with the weight (and bias) cast to the input's dtype."""
+    import torch.nn.functional as F
+
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 def _event(store: TaskStore | None, task_id: str, message: str) -> None:

@@ -8,6 +8,7 @@ from entity.train import TrainRequest
 from service import models
 from service.data import load_conversations
 from service.jobs import JobRunner
+from service.train import attention
 from service.train.strategies import STRATEGIES
 from util.errors import ConflictError, InvalidInputError, NotFoundError
 from util.paths import resolve_client_path
@@ -99,6 +100,10 @@ class TrainService:
         if req.config.use_liger_kernel and not models.liger_available():
             raise InvalidInputError(
                 "use_liger_kernel needs a CUDA GPU and the liger-kernel package; leave it unset to use it when present."
+            )
+        if req.config.attn_implementation == "varlen" and (req.config.packing is False or not attention.available()):
+            raise InvalidInputError(
+                'attn_implementation "varlen" needs packing and a CUDA GPU; leave it "auto" to use it where it can run.'
             )
         dataset = self._dataset(req.dataset_path, "dataset_path")
         eval_dataset = None
