@@ -13,8 +13,9 @@ Variants (same model shape, data, optimizer settings and step count):
   c-compile-noliger c with torch.compile and without Liger (the compiler fuses the norms itself)
   c-ckpt     c with gradient checkpointing (b's memory)
   c-lora     c with LoRA r=16 on all linear layers (the service's LoRA defaults)
-  c-lora-d0  c-lora with lora_dropout 0
+  c-lora-d05 c-lora with lora_dropout 0.05 (PEFT's forward, adapter weights cast to bf16)
   c-lora-peft c-lora as PEFT has it by default: each adapted layer's input cast to fp32, dropout 0.05
+  c-noworkers c with the batches collated in the training process (no data-loader workers)
 A variant written NAME@TOKENS runs with TOKENS tokens per step instead of --budget (packed variants).
 With --profile, each service variant then runs a few more steps timed by part (data, forward, backward,
 optimizer), plus one torch.profiler pass whose kernel time is summed by kind (matmul, attention, ...).
@@ -60,8 +61,9 @@ SERVICE_VARIANTS: dict[str, dict[str, Any]] = {
     "c-compile-noliger": {"torch_compile": True, "use_liger_kernel": False},
     "c-ckpt": {"gradient_checkpointing": True},
     "c-lora": {"lora": True},
-    "c-lora-d0": {"lora": True, "lora_config": {"lora_dropout": 0.0}},
-    "c-lora-peft": {"lora": True, "peft_casts": True, "lora_config": {"lora_dropout": 0.05}},
+    "c-lora-d05": {"lora": True, "lora_config": {"lora_dropout": 0.05}},
+    "c-lora-peft": {"lora": True, "peft_default": True, "lora_config": {"lora_dropout": 0.05}},
+    "c-noworkers": {"no_workers": True},
 }
 TRL_VARIANTS = ("a", "b", "b-nockpt")
 KERNEL_KINDS = (  # first match wins, on the lower-cased kernel name
@@ -165,7 +167,8 @@ def run_service(
     fresh_memory()
     extra = dict(SERVICE_VARIANTS[name])
     lora = extra.pop("lora", False)
-    peft_casts = extra.pop("peft_casts", False)
+    peft_default = extra.pop("peft_default", False)
+    no_workers = extra.pop("no_workers", False)
     lora_config = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"} | extra.pop("lora_config", {})
     settings = load_settings(
         None, {"paths": {"data_dir": work / "data", "model_dir": work / "models", "db_path": work / "t.db"}}
@@ -189,10 +192,14 @@ def run_service(
     request = task_request(req, data, None, model_dir, work / "out" / f"{name}-{budget}")
     built = build_trainer(settings, None, name, request)
     trainer = built.trainer
-    if peft_casts:  # undo the service's skipped input casts, to measure what they save
+    if peft_default:  # undo the fused LoRA path, to measure what it saves
         for module in trainer.model.modules():
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop("_peft_forward", None)
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = True
+    if no_workers:
+        trainer.args.dataloader_num_workers = 0
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v.to(built.device) if hasattr(v, "to") else v for k, v in batch.items()}
     gaps = packed_loss_gaps(trainer.model.eval(), batch, alone_attention="sdpa")  # the reference kernel alone

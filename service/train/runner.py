@@ -13,6 +13,7 @@ from service.data import load_conversations
 from service.tasks import TaskStore
 from service.train import attention
 from service.train.callbacks import StoreProgressCallback, finite
+from service.train.fused_lora import fuse_lora_layers
 from service.train.strategies import STRATEGIES
 from util.settings import Settings
 
@@ -68,6 +69,7 @@ def build_sft_config(
     cfg: TrainConfig,
     output_dir: Path,
     has_eval: bool,
+    device: str,
     dtype: str,
     packing: bool,
     distributed: dict[str, Any] | None = None,
@@ -108,7 +110,9 @@ def build_sft_config(
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,
-        dataloader_num_workers=0,
+        # On a GPU, two worker processes collate the next batches while the current step runs.
+        dataloader_num_workers=2 if device == "cuda" else 0,
+        dataloader_persistent_workers=device == "cuda",
         **length,
         **eval_args,
         **(distributed or {}),
@@ -165,7 +169,7 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
     # An adapter given as the model is already a trainable PeftModel: no second adapter on top.
     peft_config = None if hasattr(model, "peft_config") else strategy.peft_config(req.config)
     dist = distributed_args(resolved.get("distributed") or "ddp", device)
-    args = build_sft_config(settings, req.config, output_dir, eval_ds is not None, dtype, packing, dist)
+    args = build_sft_config(settings, req.config, output_dir, eval_ds is not None, device, dtype, packing, dist)
     callbacks = [StoreProgressCallback(store, task_id, output_dir / "trainer_log.jsonl")] if store else []
     trainer = SFTTrainer(
         model=model,
@@ -176,39 +180,8 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
         peft_config=peft_config,
         callbacks=callbacks,
     )
-    if args.bf16 or args.fp16:
-        adapters_in_compute_dtype(trainer.model)
+    fuse_lora_layers(trainer.model)
     return BuiltTrainer(trainer, req, tokenizer, args, device, dtype, output_dir, model_path, eval_ds)
-
-
-def adapters_in_compute_dtype(model: Any) -> int:
-    """Run LoRA matmuls in the input's dtype (bf16/fp16), with the adapter weights kept in fp32.
-
-    PEFT keeps adapter weights in fp32 and, without autocast, casts each adapted layer's whole input up to fp32
-    and runs the adapter matmuls in fp32. Casting the small adapter weights down instead saves passes over every
-    adapted layer's input and runs the matmuls on the tensor cores; the optimizer still updates fp32 weights.
-    Returns how many LoRA layers were changed.
-    """
-    import types
-
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "cast_input_dtype_enabled")]
-    for layer in layers:
-        layer.cast_input_dtype_enabled = False
-        for adapter in (*layer.lora_A.values(), *layer.lora_B.values()):
-            if type(adapter) is torch.nn.Linear:
-                adapter.forward = types.MethodType(_linear_in_input_dtype, adapter)
-    return len(layers)
-
-
-def _linear_in_input_dtype(self: Any, x: Any) -> Any:
-    """nn.Linear.forward with the weight (and bias) cast to the input's dtype."""
-    import torch.nn.functional as F
-
-    bias = None if self.bias is None else self.bias.to(x.dtype)
-    return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 def _event(store: TaskStore | None, task_id: str, message: str) -> None:
