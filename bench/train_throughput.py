@@ -16,6 +16,8 @@ Variants (same model shape, data, optimizer settings and step count):
   c-lora-d05 c-lora with lora_dropout 0.05 (PEFT's forward, adapter weights cast to bf16)
   c-lora-peft c-lora as PEFT has it by default: each adapted layer's input cast to fp32, dropout 0.05
   c-noworkers c with the batches collated in the training process (no data-loader workers)
+  c-all      c with the loss on every token, as TRL computes it in a and b (the service's default is the
+             assistant's tokens only): its loss curve is comparable step by step with b's
 A variant written NAME@TOKENS runs with TOKENS tokens per step instead of --budget (packed variants).
 With --profile, each service variant then runs a few more steps timed by part (data, forward, backward,
 optimizer), plus one torch.profiler pass whose kernel time is summed by kind (matmul, attention, ...).
@@ -64,6 +66,7 @@ SERVICE_VARIANTS: dict[str, dict[str, Any]] = {
     "c-lora-d05": {"lora": True, "lora_config": {"lora_dropout": 0.05}},
     "c-lora-peft": {"lora": True, "peft_default": True, "lora_config": {"lora_dropout": 0.05}},
     "c-noworkers": {"no_workers": True},
+    "c-all": {"assistant_only_loss": False},
 }
 TRL_VARIANTS = ("a", "b", "b-nockpt")
 KERNEL_KINDS = (  # first match wins, on the lower-cased kernel name
@@ -194,12 +197,13 @@ def run_service(
     trainer = built.trainer
     if peft_default:  # undo the fused LoRA path, to measure what it saves
         for module in trainer.model.modules():
-            module.__dict__.pop("forward", None)
-            module.__dict__.pop("_peft_forward", None)
-            if hasattr(module, "cast_input_dtype_enabled"):
+            if "_peft_forward" in module.__dict__:  # a LoRA layer: PEFT's forward and its input cast back
+                del module.__dict__["_peft_forward"], module.__dict__["forward"]
                 module.cast_input_dtype_enabled = True
+            elif isinstance(module, torch.nn.Linear):  # an adapter matmul: nn.Linear's own forward back
+                module.__dict__.pop("forward", None)
     if no_workers:
-        trainer.args.dataloader_num_workers = 0
+        trainer.args.dataloader_num_workers, trainer.args.dataloader_persistent_workers = 0, False
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v.to(built.device) if hasattr(v, "to") else v for k, v in batch.items()}
     gaps = packed_loss_gaps(trainer.model.eval(), batch, alone_attention="sdpa")  # the reference kernel alone
