@@ -185,6 +185,7 @@ def run_service(
                 "per_device_train_batch_size": max(1, budget // args.max_length),
                 "max_length": args.max_length,
                 "learning_rate": 1e-4,
+                "seed": 0,  # a and b's seed: the same data order
                 "save_steps": 10**9,
                 "packing": True,
                 "lora_config": lora_config,
