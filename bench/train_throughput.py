@@ -15,9 +15,10 @@ Variants (same model shape, data, optimizer settings and step count):
   c-lora     c with LoRA r=16 on all linear layers (the service's LoRA defaults)
   c-lora-d05 c-lora with lora_dropout 0.05 (PEFT's forward, adapter weights cast to bf16)
   c-lora-peft c-lora as PEFT has it by default: each adapted layer's input cast to fp32, dropout 0.05
-  c-noworkers c with the batches collated in the training process (no data-loader workers)
   c-all      c with the loss on every token, as TRL computes it in a and b (the service's default is the
              assistant's tokens only): its loss curve is comparable step by step with b's
+The *-noliger variants measure what they say only in a process where no earlier variant applied Liger (Liger
+patches the model classes for the rest of the process): run them in their own invocation.
 A variant written NAME@TOKENS runs with TOKENS tokens per step instead of --budget (packed variants).
 With --profile, each service variant then runs a few more steps timed by part (data, forward, backward,
 optimizer), plus one torch.profiler pass whose kernel time is summed by kind (matmul, attention, ...).
@@ -65,7 +66,6 @@ SERVICE_VARIANTS: dict[str, dict[str, Any]] = {
     "c-lora": {"lora": True},
     "c-lora-d05": {"lora": True, "lora_config": {"lora_dropout": 0.05}},
     "c-lora-peft": {"lora": True, "peft_default": True, "lora_config": {"lora_dropout": 0.05}},
-    "c-noworkers": {"no_workers": True},
     "c-all": {"assistant_only_loss": False},
 }
 TRL_VARIANTS = ("a", "b", "b-nockpt")
@@ -171,7 +171,6 @@ def run_service(
     extra = dict(SERVICE_VARIANTS[name])
     lora = extra.pop("lora", False)
     peft_default = extra.pop("peft_default", False)
-    no_workers = extra.pop("no_workers", False)
     lora_config = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"} | extra.pop("lora_config", {})
     settings = load_settings(
         None, {"paths": {"data_dir": work / "data", "model_dir": work / "models", "db_path": work / "t.db"}}
@@ -203,8 +202,6 @@ def run_service(
                 module.cast_input_dtype_enabled = True
             elif isinstance(module, torch.nn.Linear):  # an adapter matmul: nn.Linear's own forward back
                 module.__dict__.pop("forward", None)
-    if no_workers:
-        trainer.args.dataloader_num_workers, trainer.args.dataloader_persistent_workers = 0, False
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v.to(built.device) if hasattr(v, "to") else v for k, v in batch.items()}
     gaps = packed_loss_gaps(trainer.model.eval(), batch, alone_attention="sdpa")  # the reference kernel alone

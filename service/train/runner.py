@@ -18,6 +18,7 @@ from service.train.strategies import STRATEGIES
 from util.settings import Settings
 
 log = logging.getLogger(__name__)
+BUSY_GPU_TOKENS = 16384  # packed tokens per step from which the H100 bench's steps were GPU-bound (bench/NOTES.md)
 
 
 def build_dataset(path: Path, tokenizer: Any, assistant_only_loss: bool) -> Any:
@@ -69,7 +70,6 @@ def build_sft_config(
     cfg: TrainConfig,
     output_dir: Path,
     has_eval: bool,
-    device: str,
     dtype: str,
     packing: bool,
     distributed: dict[str, Any] | None = None,
@@ -110,9 +110,7 @@ def build_sft_config(
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,
-        # On a GPU, two worker processes collate the next batches while the current step runs.
-        dataloader_num_workers=2 if device == "cuda" else 0,
-        dataloader_persistent_workers=device == "cuda",
+        dataloader_num_workers=0,
         **length,
         **eval_args,
         **(distributed or {}),
@@ -157,6 +155,14 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
         f"loading {model_path.name} on {device} ({dtype}, {attn or 'default'} attention, "
         f"packing {'on' if packing else 'off'}) with strategy '{req.strategy}'",
     )
+    step_tokens = req.config.per_device_train_batch_size * (req.config.max_length or settings.train.max_length)
+    if packing and device == "cuda" and step_tokens < BUSY_GPU_TOKENS:
+        _event(
+            store,
+            task_id,
+            f"packed steps hold up to {step_tokens} tokens; a GPU stays busy from about {BUSY_GPU_TOKENS} "
+            "(per_device_train_batch_size x max_length): smaller steps wait on Python",
+        )
 
     tokenizer = models.load_tokenizer(models.tokenizer_dir(model_path))
     train_ds = build_dataset(Path(resolved["dataset_path"]), tokenizer, req.config.assistant_only_loss)
@@ -169,7 +175,7 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
     # An adapter given as the model is already a trainable PeftModel: no second adapter on top.
     peft_config = None if hasattr(model, "peft_config") else strategy.peft_config(req.config)
     dist = distributed_args(resolved.get("distributed") or "ddp", device)
-    args = build_sft_config(settings, req.config, output_dir, eval_ds is not None, device, dtype, packing, dist)
+    args = build_sft_config(settings, req.config, output_dir, eval_ds is not None, dtype, packing, dist)
     callbacks = [StoreProgressCallback(store, task_id, output_dir / "trainer_log.jsonl")] if store else []
     trainer = SFTTrainer(
         model=model,

@@ -101,7 +101,9 @@ class TrainService:
             raise InvalidInputError(
                 "use_liger_kernel needs a CUDA GPU and the liger-kernel package; leave it unset to use it when present."
             )
-        if req.config.attn_implementation == "varlen" and (req.config.packing is False or not attention.available()):
+        packing = req.config.packing
+        packing_off = packing is False or (packing is None and self.settings.train.packing == "off")
+        if req.config.attn_implementation == "varlen" and (packing_off or not attention.available()):
             raise InvalidInputError(
                 'attn_implementation "varlen" needs packing and a CUDA GPU; leave it "auto" to use it where it can run.'
             )
