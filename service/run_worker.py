@@ -23,6 +23,7 @@ from entity.runs import ChatExample, ForwardBackwardRequest, OptimStepRequest, R
 from service import models
 from service.runs import RunStore, checkpoint_dir
 from service.tasks import make_engine
+from service.train.fused_lora import fuse_lora_layers
 from service.worker import Terminated, format_error
 from util.files import fresh_dir, publish, write_json
 from util.settings import Settings
@@ -67,6 +68,7 @@ class RunState:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         for p in self.params:  # adapter weights and their Adam moments stay in fp32 on a bf16 base
             p.data = p.data.float()
+        fuse_lora_layers(self.model)  # bf16 adapter matmuls on a bf16 base, no extra passes (training's path)
         fused = self.device == "cuda"
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, fused=fused)
         self.steps = run.steps
