@@ -237,7 +237,6 @@ def one_step(trainer: Any, it: Any) -> dict[str, float]:
     t1 = sync()
     with trainer.compute_loss_context_manager():
         loss = trainer.compute_loss(trainer.model, batch)
-    issued = time.perf_counter()
     t2 = sync()
     trainer.accelerator.backward(loss)
     t3 = sync()
@@ -245,17 +244,13 @@ def one_step(trainer: Any, it: Any) -> dict[str, float]:
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     t4 = sync()
-    ms = {"data": t1 - t0, "forward": t2 - t1, "forward_issue": issued - t1, "backward": t3 - t2}
+    ms = {"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2}
     ms |= {"optimizer": t4 - t3, "step": t4 - t0}
     return {k: 1000 * v for k, v in ms.items()} | {"tokens": float(batch["input_ids"].numel())}
 
 
 def profile_parts(trainer: Any, steps: int) -> dict[str, Any]:
-    """Median time of each step part over a few more steps.
-
-    forward_issue is how long the host takes to issue the forward: close to the forward itself means the GPU
-    waits on Python, not the other way round.
-    """
+    """Median time of each step part over a few more steps (each part synchronised: no overlap between parts)."""
     import statistics
 
     trainer.model.train()
@@ -342,7 +337,7 @@ def main() -> int:
     cols = ["variant", "real_tokens_per_s", "mfu_pct", "peak_mem_gib", "tokens_per_step", "loss_last", "vs_a", "vs_b"]
     cols += ["packed_loss_gap_max", "attention"]
     if args.profile:
-        cols += ["ms_step", "ms_data", "ms_forward", "ms_forward_issue", "ms_backward", "ms_optimizer", "gpu_busy_pct"]
+        cols += ["ms_step", "ms_data", "ms_forward", "ms_backward", "ms_optimizer", "gpu_busy_pct"]
     print(" | ".join(f"{c:>18}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r.get(c, '')!s:>18}" for c in cols))
