@@ -13,6 +13,7 @@ from pathlib import Path
 from entity.task import TaskKind, TaskRow, TaskStatus
 from service import models
 from service.tasks import TaskStore
+from service.worker import SETTINGS_ENV
 from util.errors import ConflictError
 from util.settings import PROJECT_ROOT, Settings
 
@@ -277,7 +278,7 @@ def spawn_worker(settings: Settings, module_args: list[str], log_path: Path) -> 
     """Start `python -m <module> <args>` in its own process group, output appended to log_path."""
     env = {
         **os.environ,
-        "WT_SETTINGS_JSON": settings.model_dump_json(exclude={"auth"}),  # workers need no keys
+        SETTINGS_ENV: settings.model_dump_json(exclude={"auth"}),  # workers need no keys
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
         # NVLink multicast stays off: on shared multi-GPU hosts it can take every GPU out of service.

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from service import models
 from service.runs import RunStore, checkpoint_dir
 from service.tasks import make_engine
 from service.train.fused_lora import fuse_lora_layers
-from service.worker import Terminated, format_error
+from service.worker import Terminated, format_error, start_worker_process
 from util.files import fresh_dir, publish, write_json
 from util.settings import Settings
 
@@ -316,15 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve one training run.")
     parser.add_argument("--run-id", required=True)
     args = parser.parse_args(argv)
-    settings = Settings.model_validate_json(os.environ["WT_SETTINGS_JSON"])
-    logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    return serve(settings, args.run_id)
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    """Unwind to the loop, which saves the state if the run should survive."""
-    raise Terminated("run worker received SIGTERM")
+    return serve(start_worker_process(), args.run_id)  # SIGTERM unwinds to serve, which saves what should survive
 
 
 if __name__ == "__main__":

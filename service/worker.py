@@ -14,6 +14,7 @@ from service.tasks import TaskStore
 from util.settings import Settings
 
 TRACEBACK_LINES = 30
+SETTINGS_ENV = "WT_SETTINGS_JSON"  # how service.jobs.spawn_worker hands the settings to a worker process
 
 Handler = Callable[[Settings, TaskStore, str, dict[str, Any]], dict[str, Any]]
 
@@ -53,6 +54,14 @@ class Terminated(BaseException):
 def _on_sigterm(signum: int, frame: object) -> None:
     """Unwind the task promptly; the server has already recorded why it stopped us."""
     raise Terminated("worker process received SIGTERM")
+
+
+def start_worker_process() -> Settings:
+    """The settings the server passed (service.jobs.spawn_worker), logging set up, SIGTERM raising Terminated."""
+    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return settings
 
 
 def format_error(exc: BaseException) -> str:
@@ -97,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run one background task.")
     parser.add_argument("--task-id", required=True)
     args = parser.parse_args(argv)
-    settings = Settings.model_validate_json(os.environ["WT_SETTINGS_JSON"])
-    logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    return run_task(settings, args.task_id)
+    return run_task(start_worker_process(), args.task_id)
 
 
 if __name__ == "__main__":
