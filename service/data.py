@@ -1,8 +1,11 @@
 """Dataset parsing, validation, normalisation and splitting for chat data."""
 
 import json
+import os
 import random
 import statistics
+import tempfile
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +23,8 @@ from entity.data import (
 )
 from service import models
 from util.errors import ConflictError, InvalidInputError, NotFoundError
-from util.paths import resolve_client_path
+from util.files import check_replaceable, default_dir_mode, write_marker
+from util.paths import resolve_client_path, resolve_output
 from util.settings import Settings
 
 ROLE_ALIASES = {
@@ -32,6 +36,7 @@ ROLE_ALIASES = {
 }
 SPLIT_NAMES = ("train", "val", "test")
 UPLOAD_DIR = "uploads"
+PROCESS_KIND = "process"
 
 Message = dict[str, str]
 
@@ -260,11 +265,12 @@ class DataService:
     def process(self, req: ProcessRequest) -> ProcessResponse:
         """Normalise valid records to messages JSONL, drop duplicates, and write a seeded split."""
         path = self.resolve_input(req.input_file)
-        out_dir = resolve_client_path(req.output_dir, self.settings.data_dir, self.settings.roots)
+        out_dir = resolve_output(req.output_dir, self.settings.data_dir, self.settings)
         if out_dir.exists() and not out_dir.is_dir():
             raise ConflictError(
-                f"output_dir '{req.output_dir}' is a file, not a folder.", details={"output_dir": str(out_dir)}
+                f"output_dir '{req.output_dir}' is a file, not a folder.", details={"output_dir": req.output_dir}
             )
+        check_replaceable(out_dir, PROCESS_KIND, req.output_dir)
         targets = {name: out_dir / f"{name}.jsonl" for name in SPLIT_NAMES}
         existing = [str(p) for p in targets.values() if p.exists()]
         if existing and not req.overwrite:
@@ -304,6 +310,7 @@ class DataService:
         n_val = min(round(n * cfg.val_ratio), n - n_train)
         parts = {"train": kept[:n_train], "val": kept[n_train : n_train + n_val], "test": kept[n_train + n_val :]}
         out_dir.mkdir(parents=True, exist_ok=True)
+        write_marker(out_dir, PROCESS_KIND, uuid.uuid4().hex)
         splits = {}
         for name, records in parts.items():
             tmp = targets[name].with_suffix(".jsonl.tmp")
@@ -335,16 +342,28 @@ class DataService:
             )
         target.parent.mkdir(parents=True, exist_ok=True)
         limit = self.settings.data.max_upload_mb * 1024 * 1024
-        tmp = target.with_name(f".{target.name}.part")
+        # A unique temporary name: concurrent uploads of one name never write into each other's file.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        tmp = Path(tmp_name)
+        os.chmod(fd, default_dir_mode() & 0o666)  # mkstemp's 0600 would make the upload private
         size = 0
         try:
-            with tmp.open("wb") as out:
+            with os.fdopen(fd, "wb") as out:
                 while chunk := stream.read(1024 * 1024):
                     size += len(chunk)
                     if size > limit:
                         raise InvalidInputError(f"The upload exceeds the {self.settings.data.max_upload_mb} MB limit.")
                     out.write(chunk)
-            tmp.replace(target)
+            if overwrite:
+                tmp.replace(target)
+            else:
+                try:  # a hard link never replaces: of two concurrent uploads of one name, exactly one wins
+                    os.link(tmp, target)
+                except FileExistsError:
+                    raise ConflictError(
+                        f"'{target.name}' already exists in {UPLOAD_DIR}/; pass overwrite=true to replace it.",
+                        details={"file_path": str(target)},
+                    ) from None
         finally:
             tmp.unlink(missing_ok=True)
         return UploadResponse(file_path=str(target), size_bytes=size)

@@ -22,8 +22,8 @@ from service.jobs import JobRunner
 from service.models import LoadedModel, ModelCache
 from service.tasks import TaskStore
 from util.errors import ConflictError, InvalidInputError, NotFoundError
-from util.files import write_json
-from util.paths import resolve_client_path
+from util.files import check_replaceable, write_json, write_marker
+from util.paths import resolve_client_path, resolve_output
 from util.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -172,9 +172,16 @@ class EvalService:
         if req.backend == "evalscope" and compare is not None:
             raise InvalidInputError("compare_with is only supported with the native backend.")
         task_id = self.runner.store.new_id()
-        output = resolve_client_path(req.output_dir or f"evals/{task_id}", self.settings.data_dir, self.settings.roots)
+        name = req.output_dir or f"evals/{task_id}"
+        output = resolve_output(name, self.settings.data_dir, self.settings)
+        if output.exists() and not output.is_dir():
+            raise ConflictError(f"output_dir '{name}' is a file.", details={"output_dir": name})
+        check_replaceable(output, TaskKind.eval, name)
         if (output / RESULTS_FILE).exists():
-            raise ConflictError(f"output_dir '{output}' already holds evaluation results; choose another.")
+            raise ConflictError(f"output_dir '{name}' already holds evaluation results; choose another.")
+        busy = self.runner.store.active_with_output(str(output))
+        if busy:
+            raise ConflictError(f"Task {busy[0].id} is already writing to '{name}'.", details={"output_dir": name})
         request = {
             "eval": req.model_dump(),
             "resolved": {
@@ -271,8 +278,13 @@ def run_eval(settings: Settings, store: TaskStore, task_id: str, request: dict[s
     req = EvalRequest.model_validate(request["eval"])
     resolved = request["resolved"]
     output = Path(resolved["output_dir"])
+    check_replaceable(output, TaskKind.eval)  # checked at request time too; the folder may have changed since
     output.mkdir(parents=True, exist_ok=True)
+    write_marker(output, TaskKind.eval, task_id)
     dataset, model_path = Path(resolved["dataset_path"]), Path(resolved["model_path"])
+    models.check_model_sources(model_path, settings)  # again here: an adapter's files may have changed since
+    if resolved.get("compare_path"):
+        models.check_model_sources(Path(resolved["compare_path"]), settings)
     if req.backend == "evalscope":
         result = run_evalscope(model_path, dataset, req, output, store, task_id)
         write_json(output / RESULTS_FILE, {"results": result, "config": req.model_dump(), "resolved": resolved})

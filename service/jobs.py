@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from entity.task import TaskKind, TaskRow, TaskStatus
@@ -59,15 +60,34 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def is_worker_of(pid: int, task_id: str) -> bool:
-    """Whether `pid` is a live worker process for `task_id` (guards against pid reuse)."""
+WORKER_MODULES = {"--task-id": "service.worker", "--run-id": "service.run_worker"}
+START_SLACK_SECONDS = 1.0  # clock granularity between the store's timestamp and the kernel's process start time
+
+
+def is_worker_of(pid: int, ident: str, not_before: datetime | None = None, flag: str = "--task-id") -> bool:
+    """Whether `pid` is the live worker of task (or run) `ident`, by identity rather than by pid alone.
+
+    Its command line must end in `-m <worker module> <flag> <ident>` (a reused pid, or a process that merely
+    mentions the id, such as `tail` on its log, does not), and it must have started no earlier than
+    `not_before` (when the task was claimed): a process older than the task cannot be its worker.
+    """
+    import psutil
+
     if not pid_alive(pid):
         return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
     try:
-        return task_id.encode() in cmdline.read_bytes()
-    except OSError:
+        proc = psutil.Process(pid)
+        argv = proc.cmdline()
+        started = proc.create_time()
+    except (psutil.Error, OSError):
         return False
+    if argv[-4:] != ["-m", WORKER_MODULES[flag], flag, ident]:
+        return False
+    if not_before is not None:
+        when = not_before if not_before.tzinfo else not_before.replace(tzinfo=UTC)  # SQLite drops the zone
+        if started < when.timestamp() - START_SLACK_SECONDS:
+            return False
+    return True
 
 
 def default_slots() -> int:
@@ -153,7 +173,7 @@ class JobRunner:
     def recover(self) -> None:
         """Adopt live workers of running tasks; fail those whose process is gone."""
         for task in self.store.with_status(TaskStatus.running):
-            if task.pid and is_worker_of(task.pid, task.id):
+            if task.pid and is_worker_of(task.pid, task.id, task.started_at):
                 log.info("adopting live worker pid=%s of task %s", task.pid, task.id)
                 cost = task_slots(task, self.slots)
                 self._running[task.id] = RunningJob(task.id, task.pid, self.log_path(task.id), slots=cost)
@@ -184,7 +204,7 @@ class JobRunner:
                 job = self._running.pop(task_id, None)
             if job is not None:
                 self._kill(job)
-            elif task.pid and is_worker_of(task.pid, task_id):
+            elif task.pid and is_worker_of(task.pid, task_id, task.started_at):
                 self._kill(RunningJob(task_id, task.pid, self.log_path(task_id)))
             if moved:
                 self._wake.set()
@@ -274,10 +294,22 @@ def take_ended(
     return ended
 
 
+SECRET_ENV = ("API_KEYS",)  # exact names; every WT_AUTH__* variable is left out too
+
+
+def worker_environment() -> dict[str, str]:
+    """The server's environment without its API keys: a worker never needs them (and never receives them)."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name.upper() not in SECRET_ENV and not name.upper().startswith("WT_AUTH__")
+    }
+
+
 def spawn_worker(settings: Settings, module_args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start `python -m <module> <args>` in its own process group, output appended to log_path."""
+    """Start `python -m <module> <args>` in its own process group (without the API keys), output to log_path."""
     env = {
-        **os.environ,
+        **worker_environment(),
         SETTINGS_ENV: settings.model_dump_json(exclude={"auth"}),  # workers need no keys
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",

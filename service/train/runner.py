@@ -15,6 +15,7 @@ from service.train import attention
 from service.train.callbacks import StoreProgressCallback, finite
 from service.train.fused_lora import fuse_lora_layers
 from service.train.strategies import STRATEGIES
+from util.files import check_replaceable, write_marker
 from util.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,11 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
     req = TrainRequest.model_validate(request["train"])
     resolved = request["resolved"]
     output_dir = Path(resolved["output_dir"])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model_path = Path(resolved["model_path"])
+    if int(os.environ.get("RANK", "0")) == 0:
+        claim_output_dir(output_dir, task_id)
+    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    model_path = models.check_model_sources(Path(resolved["model_path"]), settings)  # the files may have changed
     strategy = STRATEGIES[req.strategy]()
     device, dtype = models.pick_device()
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per rank under torchrun
@@ -188,6 +192,13 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
     )
     fuse_lora_layers(trainer.model)
     return BuiltTrainer(trainer, req, tokenizer, args, device, dtype, output_dir, model_path, eval_ds)
+
+
+def claim_output_dir(output_dir: Path, task_id: str) -> None:
+    """Create the output folder and mark it as a train output; refuse a folder holding anything else."""
+    check_replaceable(output_dir, "train")  # checked at request time too; the folder may have changed since
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(output_dir, "train", task_id)
 
 
 def _event(store: TaskStore | None, task_id: str, message: str) -> None:

@@ -11,7 +11,8 @@ from service.jobs import JobRunner
 from service.train import attention
 from service.train.strategies import STRATEGIES
 from util.errors import ConflictError, InvalidInputError, NotFoundError
-from util.paths import resolve_client_path
+from util.files import check_replaceable
+from util.paths import resolve_client_path, resolve_output
 from util.settings import Settings
 
 
@@ -59,23 +60,21 @@ class TrainService:
         return path
 
     def _output_dir(self, raw: str | None, task_id: str, overwrite: bool) -> Path:
-        """Resolve the output folder and refuse one that is busy or (without overwrite) not empty."""
-        if raw is None:
-            path = self.settings.model_dir / "outputs" / task_id
-        else:
-            path = resolve_client_path(raw, self.settings.model_dir, self.settings.roots)
+        """Resolve the output folder; refuse a busy one, a foreign one, and (without overwrite) an earlier output."""
+        name = raw or f"outputs/{task_id}"
+        path = resolve_output(name, self.settings.model_dir, self.settings)
         if path.exists() and not path.is_dir():
-            raise ConflictError(f"output_dir '{path}' is a file.", details={"output_dir": str(path)})
+            raise ConflictError(f"output_dir '{name}' is a file.", details={"output_dir": name})
         busy = self.runner.store.active_with_output(str(path))
         if busy:
             raise ConflictError(
-                f"Task {busy[0].id} is already writing to '{path}'.",
-                details={"output_dir": str(path), "task_id": busy[0].id},
+                f"Task {busy[0].id} is already writing to '{name}'.",
+                details={"output_dir": name, "task_id": busy[0].id},
             )
-        if path.is_dir() and any(path.iterdir()) and not overwrite:
+        if check_replaceable(path, TaskKind.train, name) and not overwrite:
             raise ConflictError(
-                f"output_dir '{path}' is not empty; choose another or pass \"overwrite\": true.",
-                details={"output_dir": str(path)},
+                f"output_dir '{name}' is not empty; choose another or pass \"overwrite\": true.",
+                details={"output_dir": name},
             )
         return path
 
