@@ -5,7 +5,7 @@ from fastapi import APIRouter, Response
 from controller.deps import EvalServiceDep, SettingsDep, StoreDep
 from controller.tasks import queued_or_finished
 from entity.eval import EvalRequest, EvalStarted
-from entity.task import TaskOut
+from entity.task import TaskKind, TaskOut
 
 router = APIRouter(prefix="/api/eval", tags=["eval"])
 
@@ -24,5 +24,5 @@ async def evaluate(
 
 @router.get("/status/{task_id}", response_model=TaskOut)
 def status(task_id: str, store: StoreDep) -> TaskOut:
-    """An eval task's state; its metrics hold the results once it has finished."""
-    return TaskOut.model_validate(store.get(task_id))
+    """An eval task's state (404 for a task of another kind); its metrics hold the results once it has finished."""
+    return TaskOut.model_validate(store.get_of_kind(task_id, TaskKind.eval))

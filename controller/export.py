@@ -6,7 +6,7 @@ from fastapi.responses import FileResponse
 from controller.deps import ExportServiceDep, SettingsDep, StoreDep
 from controller.tasks import queued_or_finished
 from entity.export import ArchiveExportRequest, ExportStarted, MergedExportRequest, OnnxExportRequest
-from entity.task import TaskOut, TaskRow
+from entity.task import TaskKind, TaskOut, TaskRow
 
 router = APIRouter(prefix="/api/export", tags=["export"])
 
@@ -47,8 +47,8 @@ async def archive(
 
 @router.get("/status/{task_id}", response_model=TaskOut)
 def status(task_id: str, store: StoreDep) -> TaskOut:
-    """An export task's state; its metrics hold the verification report once it has finished."""
-    return TaskOut.model_validate(store.get(task_id))
+    """An export task's state (404 for a task of another kind); its metrics hold the verification report."""
+    return TaskOut.model_validate(store.get_of_kind(task_id, TaskKind.export))
 
 
 @router.get("/download/{task_id}", response_class=FileResponse)

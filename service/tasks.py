@@ -94,6 +94,16 @@ class TaskStore:
             raise NotFoundError(f"Task '{task_id}' does not exist.", details={"task_id": task_id})
         return row
 
+    def get_of_kind(self, task_id: str, kind: str) -> TaskRow:
+        """Return a task of one kind; a task of another kind is NotFoundError, as under that kind's routes."""
+        row = self.get(task_id)
+        if row.kind != kind:
+            raise NotFoundError(
+                f"Task '{task_id}' is a {row.kind} task, not an {kind} task (/api/train/status shows any task).",
+                details={"task_id": task_id, "kind": row.kind},
+            )
+        return row
+
     async def wait_terminal(self, task_id: str, poll: float) -> TaskRow:
         """Poll (off the event loop) until a task has succeeded, failed or been cancelled."""
         while True:

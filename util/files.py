@@ -62,13 +62,18 @@ def check_replaceable(output: Path, kind: str, name: str | None = None) -> bool:
         return False
     marker = read_marker(output)
     if marker is None or marker.get("kind") != kind:
-        what = f"a {marker['kind']} output" if marker else "files this service did not write"
+        what = f"{_article(marker['kind'])} output" if marker else "files this service did not write"
         raise ConflictError(
-            f"'{name or output.name}' already holds {what}; only a {kind} output written by this service can be "
+            f"'{name or output.name}' already holds {what}; only {_article(kind)} output this service wrote can be "
             "replaced or written into. Choose a new or empty folder.",
             details={"path": name or output.name, "kind": kind, "found": marker["kind"] if marker else None},
         )
     return True
+
+
+def _article(kind: str) -> str:
+    """'an export', 'a train'."""
+    return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
 
 
 def default_dir_mode() -> int:
