@@ -164,8 +164,9 @@ class JobRunner:
     def submit(
         self, kind: TaskKind, request: dict, output_dir: str | None = None, task_id: str | None = None
     ) -> TaskRow:
-        """Queue a task and wake the scheduler."""
-        task = self.store.create(kind, request, output_dir, task_id)
+        """Queue a task and wake the scheduler (409 for a busy output folder, 429 when the queue is full)."""
+        jobs = self.settings.jobs
+        task = self.store.create(kind, request, output_dir, task_id, jobs.max_queued, jobs.retry_after_seconds)
         self.store.add_event(task.id, "status", "queued", {"status": "queued"})
         self._wake.set()
         return task

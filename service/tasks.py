@@ -20,7 +20,7 @@ from entity.task import (
     TaskStatus,
     utcnow,
 )
-from util.errors import NotFoundError
+from util.errors import AppError, ConflictError, NotFoundError
 
 PROGRESS_FIELDS = {
     "progress",
@@ -32,6 +32,22 @@ PROGRESS_FIELDS = {
     "tokens_per_second",
     "eta_seconds",
 }
+
+
+class QueueFullError(AppError):
+    """The configured limit of queued tasks is reached."""
+
+    status_code = 429
+    error_type = "queue_full"
+
+
+def lock_for_write(session: Session) -> None:
+    """Take SQLite's write lock now (BEGIN IMMEDIATE), so a check-then-insert in this session is atomic.
+
+    Must be the session's first statement. Another writer waits here (up to the busy timeout) until this
+    session commits, so two requests can never both pass a limit check before either has inserted.
+    """
+    session.connection().exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_engine(db_path: Path) -> Engine:
@@ -71,9 +87,15 @@ class TaskStore:
         return uuid.uuid4().hex
 
     def create(
-        self, kind: TaskKind, request: dict[str, Any], output_dir: str | None = None, task_id: str | None = None
+        self,
+        kind: TaskKind,
+        request: dict[str, Any],
+        output_dir: str | None = None,
+        task_id: str | None = None,
+        max_queued: int | None = None,
+        retry_after: int = 30,
     ) -> TaskRow:
-        """Insert a queued task."""
+        """Insert a queued task, atomically refusing a busy `output_dir` (409) or a full queue (429)."""
         row = TaskRow(
             id=task_id or self.new_id(),
             kind=kind,
@@ -82,7 +104,27 @@ class TaskStore:
             output_dir=output_dir,
             created_at=utcnow(),
         )
+        active = [st.value for st in ACTIVE_STATUSES]
         with self.session() as s:
+            lock_for_write(s)
+            if output_dir is not None:
+                busy = s.scalar(
+                    select(TaskRow.id).where(TaskRow.output_dir == output_dir, TaskRow.status.in_(active)).limit(1)
+                )
+                if busy is not None:
+                    raise ConflictError(
+                        f"Task {busy} is already writing to '{output_dir}'.",
+                        details={"output_dir": output_dir, "task_id": busy},
+                    )
+            if max_queued is not None:
+                queued = s.scalar(select(func.count()).select_from(TaskRow).where(TaskRow.status == TaskStatus.queued))
+                if (queued or 0) >= max_queued:
+                    err = QueueFullError(
+                        f"{queued} tasks are already queued (jobs.max_queued = {max_queued}); retry later.",
+                        details={"max_queued": max_queued, "queued": queued},
+                    )
+                    err.headers = {"Retry-After": str(retry_after)}
+                    raise err
             s.add(row)
         return row
 

@@ -42,6 +42,8 @@ class JobSettings(BaseModel):
     max_concurrent_jobs: int | None = Field(None, ge=1)
     poll_interval: float = Field(0.5, gt=0)
     cancel_grace_seconds: float = Field(5.0, ge=0)
+    max_queued: int | None = Field(100, ge=1)
+    retry_after_seconds: int = Field(30, ge=1)
 
 
 class TrainSettings(BaseModel):
