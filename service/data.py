@@ -3,6 +3,7 @@
 import json
 import random
 import statistics
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ ROLE_ALIASES = {
 }
 SPLIT_NAMES = ("train", "val", "test")
 UPLOAD_DIR = "uploads"
+# Python refuses to convert longer integer literals (CVE-2020-10735); such a record is reported, not parsed.
+MAX_INT_DIGITS = sys.get_int_max_str_digits() or 4300
 
 Message = dict[str, str]
 
@@ -49,27 +52,112 @@ class ParsedRecord:
     error: str | None = None
 
 
+class _Decoder:
+    """A JSON decoder that turns the inputs Python's json refuses with non-JSON errors into per-record reasons.
+
+    Integers of more than sys.get_int_max_str_digits() digits make int() raise ValueError, and deep nesting makes
+    the scanner raise RecursionError; both would otherwise escape as a 500.
+    """
+
+    def __init__(self) -> None:
+        """A decoder whose integer hook notes an oversized integer instead of raising mid-parse."""
+        self.big_int = False
+        self._json = json.JSONDecoder(parse_int=self._int)
+
+    def _int(self, text: str) -> int:
+        """Parse an integer literal; one too long to convert becomes 0 and marks the record."""
+        if len(text.lstrip("-")) > MAX_INT_DIGITS:
+            self.big_int = True
+            return 0
+        return int(text)
+
+    def decode(self, text: str, pos: int = 0) -> tuple[Any, int, str | None]:
+        """Decode one value at `pos`: (value, end, None), or (None, pos, reason) when it is unusable."""
+        self.big_int = False
+        try:
+            obj, end = self._json.raw_decode(text, pos)
+        except RecursionError:
+            return None, pos, "JSON nested too deeply"
+        if self.big_int:
+            return None, end, f"an integer has more than {MAX_INT_DIGITS} digits"
+        return obj, end, None
+
+
+class _Lines:
+    """1-based line numbers of increasing character offsets in one text, counted incrementally."""
+
+    def __init__(self, text: str) -> None:
+        """Start at the top of `text`."""
+        self.text, self.pos, self.line = text, 0, 1
+
+    def at(self, pos: int) -> int:
+        """The line of offset `pos` (offsets must not decrease between calls)."""
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line
+
+
+def _read_array(text: str) -> Iterator[ParsedRecord]:
+    """Yield the elements of a JSON array one by one, so one bad element names its index and line."""
+    decoder = _Decoder()
+    lines = _Lines(text)
+    ws = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
+    pos = ws(text, 0).end()
+    if text[pos : pos + 1] != "[":
+        yield ParsedRecord(1, error="bad JSON: a JSON array file must start with '['")
+        return
+    pos = ws(text, pos + 1).end()
+    if text[pos : pos + 1] == "]":
+        return
+    index = 0
+    while True:
+        index += 1
+        try:
+            obj, end, reason = decoder.decode(text, pos)
+        except json.JSONDecodeError as exc:
+            yield ParsedRecord(index, error=f"bad JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})")
+            return
+        if reason is not None:
+            if end == pos:  # the scanner gave up inside the element: where it ends, and so the rest, is unknown
+                yield ParsedRecord(index, error=f"{reason} (line {lines.at(pos)}); the rest of the file was not read")
+                return
+            yield ParsedRecord(index, error=f"{reason} (line {lines.at(pos)})")
+        else:
+            yield ParsedRecord(index, obj)
+        pos = ws(text, end).end()
+        sep = text[pos : pos + 1]
+        if sep == "]":
+            if text[ws(text, pos + 1).end() :]:
+                yield ParsedRecord(index + 1, error=f"bad JSON: extra data after the array (line {lines.at(pos)})")
+            return
+        if sep != ",":
+            line = lines.at(pos)
+            yield ParsedRecord(index + 1, error=f"bad JSON: expected ',' or ']' after record {index} (line {line})")
+            return
+        pos = ws(text, pos + 1).end()
+
+
 def read_records(path: Path) -> Iterator[ParsedRecord]:
-    """Yield records from a JSON array file or a JSONL file, reporting bad JSON per line."""
+    """Yield records from a JSON array file or a JSONL file, reporting bad JSON per line (per element for arrays)."""
     with path.open("r", encoding="utf-8", errors="replace") as fh:
         head = fh.read(4096).lstrip()
     if head.startswith("["):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-        except json.JSONDecodeError as exc:
-            yield ParsedRecord(exc.lineno, error=f"bad JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})")
-            return
-        for i, obj in enumerate(data, start=1):
-            yield ParsedRecord(i, obj)
+        yield from _read_array(path.read_text(encoding="utf-8", errors="replace"))
         return
+    decoder = _Decoder()
+    ws = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
     with path.open("r", encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
-                yield ParsedRecord(lineno, json.loads(line))
+                obj, end, reason = decoder.decode(line, ws(line, 0).end())
             except json.JSONDecodeError as exc:
                 yield ParsedRecord(lineno, error=f"bad JSON: {exc.msg} (column {exc.colno})")
+                continue
+            if reason is None and ws(line, end).end() != len(line):
+                reason = f"bad JSON: Extra data (column {end + 1})"
+            yield ParsedRecord(lineno, error=reason) if reason else ParsedRecord(lineno, obj)
 
 
 def _content(value: Any, index: int) -> str:
