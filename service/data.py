@@ -4,6 +4,7 @@ import json
 import random
 import statistics
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ ROLE_ALIASES = {
 }
 SPLIT_NAMES = ("train", "val", "test")
 UPLOAD_DIR = "uploads"
+TOKENIZE_CHUNK = 256  # conversations per batched tokenizer call in validate
 # Python refuses to convert longer integer literals (CVE-2020-10735); such a record is reported, not parsed.
 MAX_INT_DIGITS = sys.get_int_max_str_digits() or 4300
 
@@ -290,6 +292,25 @@ def length_stats(lengths: list[int], max_length: int) -> LengthStats | None:
     )
 
 
+class _Deadline:
+    """The time budget of one validation (data.validate_timeout_seconds)."""
+
+    def __init__(self, seconds: float, file_path: str) -> None:
+        """Start the clock."""
+        self.seconds, self.file_path = seconds, file_path
+        self.end = time.monotonic() + seconds
+
+    def check(self, record: int, stage: str = "reading records") -> None:
+        """Raise a clear 422 once the budget is spent."""
+        if time.monotonic() > self.end:
+            raise InvalidInputError(
+                f"Validating '{self.file_path}' took longer than {self.seconds:g} s "
+                f"(data.validate_timeout_seconds); it stopped while {stage}, at record {record}. "
+                "Split the file, or validate a sample of it.",
+                details={"timeout_seconds": self.seconds, "stage": stage, "record": record},
+            )
+
+
 class DataService:
     """Validate, process and store chat datasets inside the configured roots."""
 
@@ -307,7 +328,16 @@ class DataService:
     def validate(self, file_path: str, max_length: int | None = None, model: str | None = None) -> ValidateResponse:
         """Check every record of a file and measure token lengths with the model's chat template."""
         path = self.resolve_input(file_path)
-        limit = self.settings.data.max_errors_reported
+        limits = self.settings.data
+        size_mb = path.stat().st_size / (1024 * 1024)
+        if size_mb > limits.max_validate_mb:
+            raise InvalidInputError(
+                f"'{file_path}' is {size_mb:.1f} MB; /api/data/validate reads at most {limits.max_validate_mb} MB "
+                "(data.max_validate_mb). Split the file, or validate a sample of it.",
+                details={"size_mb": round(size_mb, 1), "max_validate_mb": limits.max_validate_mb},
+            )
+        deadline = _Deadline(limits.validate_timeout_seconds, file_path)
+        limit = limits.max_errors_reported
         max_length = max_length or self.settings.train.max_length
         formats: Counter[str] = Counter()
         errors: list[RecordError] = []
@@ -316,6 +346,8 @@ class DataService:
         conversations: list[list[Message]] = []
         for rec in read_records(path):
             total += 1
+            if total % 1000 == 0:
+                deadline.check(total)
             reason = rec.error
             if reason is None:
                 try:
@@ -331,7 +363,12 @@ class DataService:
         stats = None
         if conversations:
             tokenizer = models.load_tokenizer(models.tokenizer_dir(models.resolve_model(model, self.settings)))
-            lengths = [len(models.chat_token_ids(tokenizer, conv)) for conv in conversations]
+            lengths: list[int] = []
+            for start in range(0, len(conversations), TOKENIZE_CHUNK):
+                deadline.check(start + 1, "measuring token lengths")
+                texts = [models.render_chat(tokenizer, conv) for conv in conversations[start : start + TOKENIZE_CHUNK]]
+                # One batched call per chunk: the Rust tokenizer releases the GIL, so other requests keep running.
+                lengths += [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
             stats = length_stats(lengths, max_length)
         return ValidateResponse(
             file_path=str(path),

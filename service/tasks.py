@@ -4,15 +4,17 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy import Engine, create_engine, delete, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 import entity.runs  # noqa: F401  - registers the run tables on the shared metadata
 from entity.task import (
     ACTIVE_STATUSES,
+    TERMINAL_STATUSES,
     Base,
     EventRow,
     TaskKind,
@@ -136,13 +138,17 @@ class TaskStore:
             raise NotFoundError(f"Task '{task_id}' does not exist.", details={"task_id": task_id})
         return row
 
-    async def wait_terminal(self, task_id: str, poll: float) -> TaskRow:
-        """Poll (off the event loop) until a task has succeeded, failed or been cancelled."""
+    async def wait_terminal(self, task_id: str, poll: float, timeout: float | None = None) -> TaskRow:
+        """Poll (off the event loop) until a task has finished, or `timeout` seconds pass; return it as it is."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while True:
             task = await asyncio.to_thread(self.get, task_id)
             if task.status not in [s.value for s in ACTIVE_STATUSES]:
                 return task
-            await asyncio.sleep(poll)
+            if deadline is not None and loop.time() >= deadline:
+                return task
+            await asyncio.sleep(poll if deadline is None else max(0.0, min(poll, deadline - loop.time())))
 
     def page(
         self,
@@ -254,6 +260,16 @@ class TaskStore:
             s.add(row)
             s.flush()
             return row.id
+
+    def purge_events(self, finished_before: datetime) -> list[str]:
+        """Delete the events of tasks that finished before a time; return those tasks' ids (the tasks stay)."""
+        terminal = [s.value for s in TERMINAL_STATUSES]
+        old = select(TaskRow.id).where(TaskRow.status.in_(terminal), TaskRow.finished_at < finished_before)
+        with self.session() as s:
+            ids = list(s.scalars(old))
+            for start in range(0, len(ids), 500):  # SQLite caps the number of bound parameters
+                s.execute(delete(EventRow).where(EventRow.task_id.in_(ids[start : start + 500])))
+        return ids
 
     def events(self, task_id: str, after: int = 0, limit: int = 1000) -> list[EventRow]:
         """Events of a task with id greater than `after`, oldest first."""

@@ -1,5 +1,6 @@
 """Limits that must hold when requests arrive at once: max_runs, one task per output folder, the task queue."""
 
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -97,3 +98,120 @@ def test_max_runs_holds_under_concurrency(settings):
         finally:
             for run_id in created:
                 client.delete(f"/v1/runs/{run_id}")
+
+
+# -- bounds -------------------------------------------------------------------------------------------------
+
+
+def test_num_gpus_on_cpu_is_capped_at_the_core_count(paused_client):
+    from service.train.service import usable_cores
+
+    cores = usable_cores()
+    body = {"strategy": "lora", "dataset_path": "train.jsonl", "config": {"max_steps": 1, "num_gpus": cores + 1}}
+    r = paused_client.post("/api/train/start", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["details"] == {"num_gpus": cores + 1, "cpu_cores": cores}
+    assert "CPU core" in r.json()["error"]["message"]
+
+
+def test_wait_true_gives_up_after_the_server_timeout_with_the_task_as_it_stands(settings):
+    with TestClient(create_app(_with(settings, "jobs", wait_timeout_seconds=0.3))) as client:
+        client.app.state.runner.stop()  # nothing will run: the wait can only end by the timeout
+        write_jsonl(settings.data_dir / "train.jsonl", _conversations())
+        r = client.post("/api/eval/evaluate", json={"dataset_path": "train.jsonl", "metrics": ["loss"], "wait": True})
+        assert r.status_code == 202, r.text
+        assert r.json()["status"] == "queued" and r.json()["task"]["status"] == "queued"
+        r = client.post("/api/export/archive", json={"wait": True})
+        assert r.status_code == 202, r.text
+        assert r.json()["task"]["id"] == r.json()["task_id"] and r.json()["task"]["status"] == "queued"
+
+
+def test_retention_drops_old_events_and_logs_but_keeps_tasks(client, settings):
+    import os
+    import time
+    from datetime import timedelta
+
+    from conftest import add_task
+    from entity.task import TaskRow, TaskStatus, utcnow
+
+    store, runner = client.app.state.store, client.app.state.runner
+    old = add_task(client, TaskStatus.succeeded, None)
+    recent = add_task(client, TaskStatus.failed, None)
+    with store.session() as s:
+        s.get(TaskRow, old).finished_at = utcnow() - timedelta(days=31)
+    for task_id in (old, recent):
+        store.add_event(task_id, "log", "a line")
+        runner.log_path(task_id).write_text("log\n")
+    month_ago = time.time() - 31 * 86400
+    os.utime(runner.log_path(old), (month_ago, month_ago))
+    assert runner.purge_expired() == 1
+    assert store.events(old) == [] and len(store.events(recent)) == 1
+    assert not runner.log_path(old).exists() and runner.log_path(recent).exists()
+    assert client.get(f"/api/train/status/{old}").json()["status"] == "succeeded"
+    # In 30 days the recent one expires too; with no retention nothing ever does.
+    assert runner.purge_expired(now=time.time() + 31 * 86400) == 1
+    assert store.events(recent) == []
+
+
+def _records(n: int) -> list[dict]:
+    """`n` distinct valid chat records."""
+    return [
+        {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
+        for i in range(n)
+    ]
+
+
+def test_validate_refuses_a_file_over_the_size_limit(settings):
+    with TestClient(create_app(_with(settings, "data", max_validate_mb=0.01))) as client:
+        write_jsonl(settings.data_dir / "big.jsonl", _records(200))  # about 20 kB
+        r = client.post("/api/data/validate", json={"file_path": "big.jsonl"})
+        assert r.status_code == 422, r.text
+        assert "data.max_validate_mb" in r.json()["error"]["message"]
+
+
+def test_validate_time_limit_answers_clearly_and_other_requests_run_meanwhile(settings):
+    with TestClient(create_app(_with(settings, "data", validate_timeout_seconds=2.0))) as client:
+        write_jsonl(settings.data_dir / "big.jsonl", _records(40_000))  # several seconds of tokenizing here
+        order: list[str] = []
+
+        def validate() -> httpx.Response:
+            r = client.post("/api/data/validate", json={"file_path": "big.jsonl"})
+            order.append("validate")
+            return r
+
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(validate)
+            for _ in range(3):
+                assert client.get("/health").status_code == 200
+            order.append("health")
+            r = pending.result()
+        assert order == ["health", "validate"]  # /health answered while the validation was still running
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert "data.validate_timeout_seconds" in error["message"] and error["details"]["timeout_seconds"] == 2.0
+
+
+def _thread_nices(pid: int) -> set[int]:
+    """The nice value of every thread of a process (Linux keeps one per thread)."""
+    from pathlib import Path
+
+    return {int(stat.read_text().rsplit(") ", 1)[1].split()[16]) for stat in Path(f"/proc/{pid}/task").glob("*/stat")}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_run_nicer_than_the_server_on_cpu(settings):
+    import os
+    import time
+
+    with TestClient(create_app(_with(settings, "jobs", worker_nice=7))) as client:
+        run_id = client.post("/v1/runs", json={"lora": {"r": 4, "alpha": 8}}).json()["id"]
+        try:
+            deadline = time.monotonic() + 120
+            while client.get(f"/v1/runs/{run_id}").json()["status"] == "starting" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert client.get(f"/v1/runs/{run_id}").json()["status"] == "ready"
+            pid = client.app.state.run_service.store.get_run(run_id).pid
+            # Every thread, torch's included, runs at the server's niceness plus worker_nice.
+            assert _thread_nices(pid) == {min(19, os.nice(0) + 7)}
+        finally:
+            client.delete(f"/v1/runs/{run_id}")
