@@ -1,5 +1,7 @@
 """Evaluation routes: start an evaluation (optionally waiting for it) and read its state."""
 
+import asyncio
+
 from fastapi import APIRouter, Response
 
 from controller.deps import EvalServiceDep, SettingsDep, StoreDep
@@ -15,8 +17,9 @@ async def evaluate(
     req: EvalRequest, service: EvalServiceDep, store: StoreDep, settings: SettingsDep, response: Response
 ) -> EvalStarted:
     """Queue an eval task (202), or with `wait` return it finished (200), succeeded or failed."""
-    task = service.start(req)
-    final = await queued_or_finished(task, req.wait, store, settings.jobs.poll_interval, response)
+    task = await asyncio.to_thread(service.start, req)  # reads the dataset: keep it off the event loop
+    jobs = settings.jobs
+    final = await queued_or_finished(task, req.wait, store, jobs.poll_interval, response, jobs.wait_timeout_seconds)
     return EvalStarted(
         task_id=task.id, status=final.status, output_dir=task.output_dir or "", task=final if req.wait else None
     )

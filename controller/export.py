@@ -1,5 +1,7 @@
 """Export routes: verified ONNX, merged LoRA weights, archives, and archive download."""
 
+import asyncio
+
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
@@ -15,7 +17,8 @@ async def _answer(
     task: TaskRow, wait: bool, store: StoreDep, settings: SettingsDep, response: Response
 ) -> ExportStarted:
     """202 with the task id, or with `wait` 200 and the finished task (its metrics hold the verification)."""
-    final = await queued_or_finished(task, wait, store, settings.jobs.poll_interval, response)
+    jobs = settings.jobs
+    final = await queued_or_finished(task, wait, store, jobs.poll_interval, response, jobs.wait_timeout_seconds)
     return ExportStarted(
         task_id=task.id, status=final.status, output_path=task.output_dir or "", task=final if wait else None
     )
@@ -26,7 +29,7 @@ async def onnx(
     req: OnnxExportRequest, service: ExportServiceDep, store: StoreDep, settings: SettingsDep, response: Response
 ) -> ExportStarted:
     """Export to ONNX (LoRA merged first) and verify logits against PyTorch in onnxruntime."""
-    return await _answer(service.onnx(req), req.wait, store, settings, response)
+    return await _answer(await asyncio.to_thread(service.onnx, req), req.wait, store, settings, response)
 
 
 @router.post("/merged", response_model=ExportStarted, status_code=200)
@@ -34,7 +37,7 @@ async def merged(
     req: MergedExportRequest, service: ExportServiceDep, store: StoreDep, settings: SettingsDep, response: Response
 ) -> ExportStarted:
     """Merge a LoRA adapter into its base and verify the merged logits equal the adapter model's."""
-    return await _answer(service.merged(req), req.wait, store, settings, response)
+    return await _answer(await asyncio.to_thread(service.merged, req), req.wait, store, settings, response)
 
 
 @router.post("/archive", response_model=ExportStarted, status_code=200)
@@ -42,7 +45,7 @@ async def archive(
     req: ArchiveExportRequest, service: ExportServiceDep, store: StoreDep, settings: SettingsDep, response: Response
 ) -> ExportStarted:
     """Write a tar.gz of the model or adapter, tokenizer, training args, log and a loading README."""
-    return await _answer(service.archive(req), req.wait, store, settings, response)
+    return await _answer(await asyncio.to_thread(service.archive, req), req.wait, store, settings, response)
 
 
 @router.get("/status/{task_id}", response_model=TaskOut)

@@ -1,6 +1,26 @@
 """Schema pieces shared by several domains."""
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+# Sampling at a temperature this close to 0 divides logits by ~0 (inf/nan probabilities); it is greedy decoding.
+GREEDY_BELOW = 1e-5
+MAX_SEED = 2**63 - 1  # a signed 64-bit integer: what torch, SQLite and OpenAI's API accept
+MAX_TRAIN_SEED = 2**32 - 1  # numpy's seed range, which transformers' set_seed uses
+
+
+def _greedy_below_floor(value: float) -> float:
+    """Map a temperature below GREEDY_BELOW to 0 (greedy decoding)."""
+    return 0.0 if value < GREEDY_BELOW else value
+
+
+Temperature = Annotated[
+    float,
+    Field(ge=0, le=2, description=f"0 means greedy decoding; any value below {GREEDY_BELOW:g} counts as 0."),
+    AfterValidator(_greedy_below_floor),
+]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="Makes sampling reproducible (0 to 2**63 - 1).")]
 
 
 class ModelRef(BaseModel):

@@ -2,6 +2,8 @@
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from entity.common import MAX_SEED
+
 
 class ValidateRequest(BaseModel):
     """Body of POST /api/data/validate (file_path may also come as a query parameter)."""
@@ -55,7 +57,7 @@ class SplitConfig(BaseModel):
     val_ratio: float = Field(0.1, ge=0, le=1)
     test_ratio: float = Field(0.1, ge=0, le=1)
     shuffle: bool = True
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _ratios_sum_to_one(self) -> "SplitConfig":

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from entity.common import ModelRef
+from entity.common import ModelRef, Temperature
 from entity.task import TaskOut
 
 Metric = Literal["loss", "perplexity", "accuracy", "bleu", "rouge_l"]
@@ -17,7 +17,7 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_tokens: int = Field(128, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0, le=2, description="0 (the default) is greedy, deterministic decoding.")
+    temperature: Temperature = 0.0
 
 
 class EvalRequest(ModelRef):

@@ -4,6 +4,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from entity.common import Seed, Temperature
+
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length"]
 
@@ -27,10 +29,10 @@ class ChatRequest(BaseModel):
     )
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Most new tokens (default and limit set in config).")
-    temperature: float = Field(0.7, ge=0, le=2, description="0 means greedy decoding.")
+    temperature: Temperature = 0.7
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] | None = Field(None, max_length=8, description="Strings that end the answer (not included).")
-    seed: int | None = Field(None, ge=0, description="Makes sampling reproducible.")
+    seed: Seed | None = None
 
     @field_validator("messages")
     @classmethod
@@ -136,10 +138,10 @@ class OpenAIChatRequest(BaseModel):
     messages: list[OpenAIMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: Temperature | None = None
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: Seed | None = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None

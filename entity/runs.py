@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
+from entity.common import Seed, Temperature
 from entity.inference import ChatMessage
 from entity.task import Base, utcnow
 
@@ -108,7 +109,7 @@ class CreateRunRequest(BaseModel):
 
     base_model: str | None = Field(None, description="Base model name or folder; default: the configured base.")
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     from_state: str | None = Field(None, description="A saved state folder to start from (its base and LoRA).")
     with_optimizer: bool = Field(True, description="With from_state: also restore the optimizer state.")
 
@@ -182,9 +183,9 @@ class SampleRequest(BaseModel):
     messages: list[list[ChatMessage]] | None = Field(None, min_length=1, max_length=256)
     num_samples: int = Field(1, ge=1, le=64)
     max_tokens: int = Field(64, ge=1, le=4096)
-    temperature: float = Field(1.0, ge=0, le=2)
+    temperature: Temperature = 1.0
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0)
+    seed: Seed | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "SampleRequest":

@@ -4,6 +4,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from entity.common import MAX_TRAIN_SEED
+
 
 class LoraConfigIn(BaseModel):
     """PEFT LoRA hyperparameters."""
@@ -39,7 +41,7 @@ class TrainConfig(BaseModel):
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     save_steps: int | None = Field(None, ge=1)
     logging_steps: int = Field(1, ge=1)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=MAX_TRAIN_SEED)
     eval_dataset_path: str | None = None
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: save_steps or 50).")
     gradient_checkpointing: bool = False

@@ -4,7 +4,9 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -37,6 +39,9 @@ ROLE_ALIASES = {
 SPLIT_NAMES = ("train", "val", "test")
 UPLOAD_DIR = "uploads"
 PROCESS_KIND = "process"
+TOKENIZE_CHUNK = 256  # conversations per batched tokenizer call in validate
+# Python refuses to convert longer integer literals (CVE-2020-10735); such a record is reported, not parsed.
+MAX_INT_DIGITS = sys.get_int_max_str_digits() or 4300
 
 Message = dict[str, str]
 
@@ -54,27 +59,112 @@ class ParsedRecord:
     error: str | None = None
 
 
+class _Decoder:
+    """A JSON decoder that turns the inputs Python's json refuses with non-JSON errors into per-record reasons.
+
+    Integers of more than sys.get_int_max_str_digits() digits make int() raise ValueError, and deep nesting makes
+    the scanner raise RecursionError; both would otherwise escape as a 500.
+    """
+
+    def __init__(self) -> None:
+        """A decoder whose integer hook notes an oversized integer instead of raising mid-parse."""
+        self.big_int = False
+        self._json = json.JSONDecoder(parse_int=self._int)
+
+    def _int(self, text: str) -> int:
+        """Parse an integer literal; one too long to convert becomes 0 and marks the record."""
+        if len(text.lstrip("-")) > MAX_INT_DIGITS:
+            self.big_int = True
+            return 0
+        return int(text)
+
+    def decode(self, text: str, pos: int = 0) -> tuple[Any, int, str | None]:
+        """Decode one value at `pos`: (value, end, None), or (None, pos, reason) when it is unusable."""
+        self.big_int = False
+        try:
+            obj, end = self._json.raw_decode(text, pos)
+        except RecursionError:
+            return None, pos, "JSON nested too deeply"
+        if self.big_int:
+            return None, end, f"an integer has more than {MAX_INT_DIGITS} digits"
+        return obj, end, None
+
+
+class _Lines:
+    """1-based line numbers of increasing character offsets in one text, counted incrementally."""
+
+    def __init__(self, text: str) -> None:
+        """Start at the top of `text`."""
+        self.text, self.pos, self.line = text, 0, 1
+
+    def at(self, pos: int) -> int:
+        """The line of offset `pos` (offsets must not decrease between calls)."""
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line
+
+
+def _read_array(text: str) -> Iterator[ParsedRecord]:
+    """Yield the elements of a JSON array one by one, so one bad element names its index and line."""
+    decoder = _Decoder()
+    lines = _Lines(text)
+    ws = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
+    pos = ws(text, 0).end()
+    if text[pos : pos + 1] != "[":
+        yield ParsedRecord(1, error="bad JSON: a JSON array file must start with '['")
+        return
+    pos = ws(text, pos + 1).end()
+    if text[pos : pos + 1] == "]":
+        return
+    index = 0
+    while True:
+        index += 1
+        try:
+            obj, end, reason = decoder.decode(text, pos)
+        except json.JSONDecodeError as exc:
+            yield ParsedRecord(index, error=f"bad JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})")
+            return
+        if reason is not None:
+            if end == pos:  # the scanner gave up inside the element: where it ends, and so the rest, is unknown
+                yield ParsedRecord(index, error=f"{reason} (line {lines.at(pos)}); the rest of the file was not read")
+                return
+            yield ParsedRecord(index, error=f"{reason} (line {lines.at(pos)})")
+        else:
+            yield ParsedRecord(index, obj)
+        pos = ws(text, end).end()
+        sep = text[pos : pos + 1]
+        if sep == "]":
+            if text[ws(text, pos + 1).end() :]:
+                yield ParsedRecord(index + 1, error=f"bad JSON: extra data after the array (line {lines.at(pos)})")
+            return
+        if sep != ",":
+            line = lines.at(pos)
+            yield ParsedRecord(index + 1, error=f"bad JSON: expected ',' or ']' after record {index} (line {line})")
+            return
+        pos = ws(text, pos + 1).end()
+
+
 def read_records(path: Path) -> Iterator[ParsedRecord]:
-    """Yield records from a JSON array file or a JSONL file, reporting bad JSON per line."""
+    """Yield records from a JSON array file or a JSONL file, reporting bad JSON per line (per element for arrays)."""
     with path.open("r", encoding="utf-8", errors="replace") as fh:
         head = fh.read(4096).lstrip()
     if head.startswith("["):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-        except json.JSONDecodeError as exc:
-            yield ParsedRecord(exc.lineno, error=f"bad JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})")
-            return
-        for i, obj in enumerate(data, start=1):
-            yield ParsedRecord(i, obj)
+        yield from _read_array(path.read_text(encoding="utf-8", errors="replace"))
         return
+    decoder = _Decoder()
+    ws = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
     with path.open("r", encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
-                yield ParsedRecord(lineno, json.loads(line))
+                obj, end, reason = decoder.decode(line, ws(line, 0).end())
             except json.JSONDecodeError as exc:
                 yield ParsedRecord(lineno, error=f"bad JSON: {exc.msg} (column {exc.colno})")
+                continue
+            if reason is None and ws(line, end).end() != len(line):
+                reason = f"bad JSON: Extra data (column {end + 1})"
+            yield ParsedRecord(lineno, error=reason) if reason else ParsedRecord(lineno, obj)
 
 
 def _content(value: Any, index: int) -> str:
@@ -207,6 +297,25 @@ def length_stats(lengths: list[int], max_length: int) -> LengthStats | None:
     )
 
 
+class _Deadline:
+    """The time budget of one validation (data.validate_timeout_seconds)."""
+
+    def __init__(self, seconds: float, file_path: str) -> None:
+        """Start the clock."""
+        self.seconds, self.file_path = seconds, file_path
+        self.end = time.monotonic() + seconds
+
+    def check(self, record: int, stage: str = "reading records") -> None:
+        """Raise a clear 422 once the budget is spent."""
+        if time.monotonic() > self.end:
+            raise InvalidInputError(
+                f"Validating '{self.file_path}' took longer than {self.seconds:g} s "
+                f"(data.validate_timeout_seconds); it stopped while {stage}, at record {record}. "
+                "Split the file, or validate a sample of it.",
+                details={"timeout_seconds": self.seconds, "stage": stage, "record": record},
+            )
+
+
 class DataService:
     """Validate, process and store chat datasets inside the configured roots."""
 
@@ -224,7 +333,16 @@ class DataService:
     def validate(self, file_path: str, max_length: int | None = None, model: str | None = None) -> ValidateResponse:
         """Check every record of a file and measure token lengths with the model's chat template."""
         path = self.resolve_input(file_path)
-        limit = self.settings.data.max_errors_reported
+        limits = self.settings.data
+        size_mb = path.stat().st_size / (1024 * 1024)
+        if size_mb > limits.max_validate_mb:
+            raise InvalidInputError(
+                f"'{file_path}' is {size_mb:.1f} MB; /api/data/validate reads at most {limits.max_validate_mb} MB "
+                "(data.max_validate_mb). Split the file, or validate a sample of it.",
+                details={"size_mb": round(size_mb, 1), "max_validate_mb": limits.max_validate_mb},
+            )
+        deadline = _Deadline(limits.validate_timeout_seconds, file_path)
+        limit = limits.max_errors_reported
         max_length = max_length or self.settings.train.max_length
         formats: Counter[str] = Counter()
         errors: list[RecordError] = []
@@ -233,6 +351,8 @@ class DataService:
         conversations: list[list[Message]] = []
         for rec in read_records(path):
             total += 1
+            if total % 1000 == 0:
+                deadline.check(total)
             reason = rec.error
             if reason is None:
                 try:
@@ -248,7 +368,12 @@ class DataService:
         stats = None
         if conversations:
             tokenizer = models.load_tokenizer(models.tokenizer_dir(models.resolve_model(model, self.settings)))
-            lengths = [len(models.chat_token_ids(tokenizer, conv)) for conv in conversations]
+            lengths: list[int] = []
+            for start in range(0, len(conversations), TOKENIZE_CHUNK):
+                deadline.check(start + 1, "measuring token lengths")
+                texts = [models.render_chat(tokenizer, conv) for conv in conversations[start : start + TOKENIZE_CHUNK]]
+                # One batched call per chunk: the Rust tokenizer releases the GIL, so other requests keep running.
+                lengths += [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
             stats = length_stats(lengths, max_length)
         return ValidateResponse(
             file_path=str(path),

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 RESTART_ERROR = "interrupted by server restart"
 SHUTDOWN_ERROR = "interrupted by server shutdown"
 LOG_TAIL_CHARS = 4000
+PURGE_EVERY_SECONDS = 3600  # how often the scheduler applies jobs.retention_days
 
 
 @dataclass
@@ -152,6 +153,7 @@ class JobRunner:
         """Recover tasks left by a previous server and start the scheduler thread."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.recover()
+        self.purge_expired()
         self._thread = threading.Thread(target=self._loop, name="job-scheduler", daemon=True)
         self._thread.start()
 
@@ -170,6 +172,31 @@ class JobRunner:
         with self._lock:
             self._running.clear()
 
+    def purge_expired(self, now: float | None = None) -> int:
+        """Apply jobs.retention_days: drop events of tasks finished before then, and log files untouched since.
+
+        Task rows (status, metrics, error) stay. Returns how many log files were deleted.
+        """
+        days = self.settings.jobs.retention_days
+        if days is None:
+            return 0
+        now = time.time() if now is None else now
+        cutoff = now - days * 86400
+        self.store.purge_events(datetime.fromtimestamp(cutoff, UTC))
+        with self._lock:
+            busy = {self.log_path(task_id) for task_id in self._running}
+        removed = 0
+        for path in self.log_dir.glob("*.log"):  # task logs and run-<id>.log of /v1/runs workers
+            try:
+                if path not in busy and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        if removed:
+            log.info("retention: deleted %d log file(s) older than %g day(s)", removed, days)
+        return removed
+
     def recover(self) -> None:
         """Adopt live workers of running tasks; fail those whose process is gone."""
         for task in self.store.with_status(TaskStatus.running):
@@ -184,8 +211,9 @@ class JobRunner:
     def submit(
         self, kind: TaskKind, request: dict, output_dir: str | None = None, task_id: str | None = None
     ) -> TaskRow:
-        """Queue a task and wake the scheduler."""
-        task = self.store.create(kind, request, output_dir, task_id)
+        """Queue a task and wake the scheduler (409 for a busy output folder, 429 when the queue is full)."""
+        jobs = self.settings.jobs
+        task = self.store.create(kind, request, output_dir, task_id, jobs.max_queued, jobs.retry_after_seconds)
         self.store.add_event(task.id, "status", "queued", {"status": "queued"})
         self._wake.set()
         return task
@@ -222,9 +250,13 @@ class JobRunner:
     # -- scheduler -------------------------------------------------------------------------
     def _loop(self) -> None:
         """Reap finished children and start queued tasks until stopped."""
+        last_purge = time.monotonic()
         while not self._stop.is_set():
             try:
                 self.tick()
+                if time.monotonic() - last_purge > PURGE_EVERY_SECONDS:
+                    last_purge = time.monotonic()
+                    self.purge_expired()
             except Exception:
                 log.exception("scheduler tick failed")
             self._wake.wait(self.settings.jobs.poll_interval)

@@ -35,7 +35,7 @@ from entity.runs import (
 from entity.task import utcnow
 from service import models
 from service.jobs import RunningJob, is_worker_of, spawn_worker, take_ended, terminate_group
-from service.tasks import TaskStore
+from service.tasks import TaskStore, lock_for_write
 from util.errors import AppError, ConflictError, InvalidInputError, NotFoundError
 from util.files import check_replaceable
 from util.paths import resolve_client_path
@@ -69,11 +69,22 @@ class RunStore:
             yield s
 
     # -- runs -------------------------------------------------------------------------------------------
-    def add_run(self, row: RunRow) -> RunRow:
-        """Insert a run."""
+    def add_run(self, row: RunRow, max_live: int | None = None) -> RunRow:
+        """Insert a run; with `max_live`, count the live runs and insert in one write transaction (429 when full)."""
         with self.session() as s:
+            if max_live is not None:
+                lock_for_write(s)
+                _check_live(s, max_live)
             s.add(row)
         return row
+
+    def resume_run(self, run_id: str, max_live: int) -> bool:
+        """Move a paused run to starting if fewer than `max_live` runs are live (429 otherwise), atomically."""
+        with self.session() as s:
+            lock_for_write(s)
+            _check_live(s, max_live)
+            stmt = update(RunRow).where(RunRow.id == run_id, RunRow.status == RunStatus.paused)
+            return s.execute(stmt.values(status=RunStatus.starting)).rowcount == 1
 
     def get_run(self, run_id: str) -> RunRow:
         """A run, or NotFoundError."""
@@ -204,6 +215,16 @@ class RunStore:
 RUN_STATE_KIND = "run_state"
 
 
+def _check_live(session: Session, limit: int) -> None:
+    """429 when `limit` runs are already live (call inside a write-locked session)."""
+    query = select(func.count()).select_from(RunRow).where(RunRow.status.in_([str(s) for s in LIVE_RUN_STATUSES]))
+    if int(session.scalar(query) or 0) >= limit:
+        raise TooManyRunsError(
+            f"{limit} runs are already live (runs.max_runs); delete one or wait for an idle one to pause.",
+            details={"max_runs": limit},
+        )
+
+
 def checkpoint_dir(settings: Settings, run_id: str, name: str) -> Path:
     """Where a run's named state is saved (inside the model dir, so it can be served and exported)."""
     return settings.model_dir / "runs" / run_id / name
@@ -280,19 +301,9 @@ class RunService:
             self._workers[run_id] = RunningJob(run_id, proc.pid, self._log(run_id), proc)
         self.store.set_run(run_id, pid=proc.pid)
 
-    def _check_capacity(self) -> None:
-        """429 when max_runs runs are already live."""
-        limit = self.settings.runs.max_runs
-        if self.store.count_live() >= limit:
-            raise TooManyRunsError(
-                f"{limit} runs are already live (runs.max_runs); delete one or wait for an idle one to pause.",
-                details={"max_runs": limit},
-            )
-
     # -- runs -------------------------------------------------------------------------------------------
     def create(self, req: CreateRunRequest) -> RunRow:
         """Start a run: a fresh LoRA on a base model, or one restored from a saved state."""
-        self._check_capacity()
         lora = req.lora.model_dump()
         resume_from = None
         if req.from_state:
@@ -330,7 +341,7 @@ class RunService:
             created_at=utcnow(),
             last_used_at=utcnow(),
         )
-        self.store.add_run(run)
+        self.store.add_run(run, max_live=self.settings.runs.max_runs)  # the count and the insert are one step
         self._spawn(run.id)
         return self.store.get_run(run.id)
 
@@ -356,10 +367,8 @@ class RunService:
             raise ConflictError(
                 f"Run '{run_id}' failed: {(run.error or '').splitlines()[0]}", details={"run_id": run_id}
             )
-        if run.status == RunStatus.paused:
-            self._check_capacity()
-            if self.store.move_run(run_id, RunStatus.starting, (RunStatus.paused,)):
-                self._spawn(run_id)
+        if run.status == RunStatus.paused and self.store.resume_run(run_id, self.settings.runs.max_runs):
+            self._spawn(run_id)
         return run
 
     # -- jobs -------------------------------------------------------------------------------------------

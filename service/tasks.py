@@ -4,15 +4,17 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy import Engine, create_engine, delete, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 import entity.runs  # noqa: F401  - registers the run tables on the shared metadata
 from entity.task import (
     ACTIVE_STATUSES,
+    TERMINAL_STATUSES,
     Base,
     EventRow,
     TaskKind,
@@ -20,7 +22,7 @@ from entity.task import (
     TaskStatus,
     utcnow,
 )
-from util.errors import NotFoundError
+from util.errors import AppError, ConflictError, NotFoundError
 
 PROGRESS_FIELDS = {
     "progress",
@@ -32,6 +34,22 @@ PROGRESS_FIELDS = {
     "tokens_per_second",
     "eta_seconds",
 }
+
+
+class QueueFullError(AppError):
+    """The configured limit of queued tasks is reached."""
+
+    status_code = 429
+    error_type = "queue_full"
+
+
+def lock_for_write(session: Session) -> None:
+    """Take SQLite's write lock now (BEGIN IMMEDIATE), so a check-then-insert in this session is atomic.
+
+    Must be the session's first statement. Another writer waits here (up to the busy timeout) until this
+    session commits, so two requests can never both pass a limit check before either has inserted.
+    """
+    session.connection().exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_engine(db_path: Path) -> Engine:
@@ -71,9 +89,15 @@ class TaskStore:
         return uuid.uuid4().hex
 
     def create(
-        self, kind: TaskKind, request: dict[str, Any], output_dir: str | None = None, task_id: str | None = None
+        self,
+        kind: TaskKind,
+        request: dict[str, Any],
+        output_dir: str | None = None,
+        task_id: str | None = None,
+        max_queued: int | None = None,
+        retry_after: int = 30,
     ) -> TaskRow:
-        """Insert a queued task."""
+        """Insert a queued task, atomically refusing a busy `output_dir` (409) or a full queue (429)."""
         row = TaskRow(
             id=task_id or self.new_id(),
             kind=kind,
@@ -82,7 +106,27 @@ class TaskStore:
             output_dir=output_dir,
             created_at=utcnow(),
         )
+        active = [st.value for st in ACTIVE_STATUSES]
         with self.session() as s:
+            lock_for_write(s)
+            if output_dir is not None:
+                busy = s.scalar(
+                    select(TaskRow.id).where(TaskRow.output_dir == output_dir, TaskRow.status.in_(active)).limit(1)
+                )
+                if busy is not None:
+                    raise ConflictError(
+                        f"Task {busy} is already writing to '{output_dir}'.",
+                        details={"output_dir": output_dir, "task_id": busy},
+                    )
+            if max_queued is not None:
+                queued = s.scalar(select(func.count()).select_from(TaskRow).where(TaskRow.status == TaskStatus.queued))
+                if (queued or 0) >= max_queued:
+                    err = QueueFullError(
+                        f"{queued} tasks are already queued (jobs.max_queued = {max_queued}); retry later.",
+                        details={"max_queued": max_queued, "queued": queued},
+                    )
+                    err.headers = {"Retry-After": str(retry_after)}
+                    raise err
             s.add(row)
         return row
 
@@ -104,13 +148,17 @@ class TaskStore:
             )
         return row
 
-    async def wait_terminal(self, task_id: str, poll: float) -> TaskRow:
-        """Poll (off the event loop) until a task has succeeded, failed or been cancelled."""
+    async def wait_terminal(self, task_id: str, poll: float, timeout: float | None = None) -> TaskRow:
+        """Poll (off the event loop) until a task has finished, or `timeout` seconds pass; return it as it is."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while True:
             task = await asyncio.to_thread(self.get, task_id)
             if task.status not in [s.value for s in ACTIVE_STATUSES]:
                 return task
-            await asyncio.sleep(poll)
+            if deadline is not None and loop.time() >= deadline:
+                return task
+            await asyncio.sleep(poll if deadline is None else max(0.0, min(poll, deadline - loop.time())))
 
     def page(
         self,
@@ -222,6 +270,16 @@ class TaskStore:
             s.add(row)
             s.flush()
             return row.id
+
+    def purge_events(self, finished_before: datetime) -> list[str]:
+        """Delete the events of tasks that finished before a time; return those tasks' ids (the tasks stay)."""
+        terminal = [s.value for s in TERMINAL_STATUSES]
+        old = select(TaskRow.id).where(TaskRow.status.in_(terminal), TaskRow.finished_at < finished_before)
+        with self.session() as s:
+            ids = list(s.scalars(old))
+            for start in range(0, len(ids), 500):  # SQLite caps the number of bound parameters
+                s.execute(delete(EventRow).where(EventRow.task_id.in_(ids[start : start + 500])))
+        return ids
 
     def events(self, task_id: str, after: int = 0, limit: int = 1000) -> list[EventRow]:
         """Events of a task with id greater than `after`, oldest first."""

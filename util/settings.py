@@ -42,6 +42,11 @@ class JobSettings(BaseModel):
     max_concurrent_jobs: int | None = Field(None, ge=1)
     poll_interval: float = Field(0.5, gt=0)
     cancel_grace_seconds: float = Field(5.0, ge=0)
+    max_queued: int | None = Field(100, ge=1)
+    retry_after_seconds: int = Field(30, ge=1)
+    wait_timeout_seconds: float = Field(600.0, gt=0)
+    worker_nice: int = Field(10, ge=0, le=19)
+    retention_days: float | None = Field(30.0, gt=0)
 
 
 class TrainSettings(BaseModel):
@@ -60,6 +65,8 @@ class DataSettings(BaseModel):
 
     max_upload_mb: int = Field(512, ge=1)
     max_errors_reported: int = Field(50, ge=1)
+    max_validate_mb: float = Field(100, gt=0)
+    validate_timeout_seconds: float = Field(120.0, gt=0)
 
 
 class InferenceSettings(BaseModel):

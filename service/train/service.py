@@ -1,5 +1,6 @@
 """The training service: checks a train request up front, then queues it as a task."""
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,14 @@ from util.errors import ConflictError, InvalidInputError, NotFoundError
 from util.files import check_replaceable
 from util.paths import resolve_client_path, resolve_output
 from util.settings import Settings
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not just the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def task_request(
@@ -86,6 +95,12 @@ class TrainService:
             raise InvalidInputError(
                 f"num_gpus {wanted} is more than the {gpus} GPU(s) this server sees.",
                 details={"num_gpus": wanted, "visible_gpus": gpus},
+            )
+        cores = usable_cores()
+        if not gpus and wanted > cores:  # on CPU each process is a rank: more ranks than cores only thrash
+            raise InvalidInputError(
+                f"num_gpus {wanted} asks for {wanted} CPU processes, but this server has {cores} CPU core(s).",
+                details={"num_gpus": wanted, "cpu_cores": cores},
             )
         return wanted
 
