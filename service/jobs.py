@@ -35,11 +35,13 @@ class RunningJob:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     slots: int = 1
+    started: float | None = None  # an adopted worker's process start time: a later process with its pid is not it
 
     def end_reason(self) -> str | None:
         """Why the process ended, or None while it runs."""
         if self.proc is None:  # adopted after a restart: not our child, so no exit status
-            return None if pid_alive(self.pid) else "worker process ended (exit status unknown after a server restart)"
+            alive = pid_alive(self.pid) and (self.started is None or process_start(self.pid) == self.started)
+            return None if alive else "worker process ended (exit status unknown after a server restart)"
         code = self.proc.poll()
         return None if code is None else describe_exit(code)
 
@@ -63,6 +65,16 @@ def pid_alive(pid: int) -> bool:
 
 WORKER_MODULES = {"--task-id": "service.worker", "--run-id": "service.run_worker"}
 START_SLACK_SECONDS = 1.0  # clock granularity between the store's timestamp and the kernel's process start time
+
+
+def process_start(pid: int) -> float | None:
+    """A process's start time (seconds since the epoch), or None when it is gone."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
 
 
 def is_worker_of(pid: int, ident: str, not_before: datetime | None = None, flag: str = "--task-id") -> bool:
@@ -203,7 +215,8 @@ class JobRunner:
             if task.pid and is_worker_of(task.pid, task.id, task.started_at):
                 log.info("adopting live worker pid=%s of task %s", task.pid, task.id)
                 cost = task_slots(task, self.slots)
-                self._running[task.id] = RunningJob(task.id, task.pid, self.log_path(task.id), slots=cost)
+                started = process_start(task.pid)
+                self._running[task.id] = RunningJob(task.id, task.pid, self.log_path(task.id), None, cost, started)
                 continue
             self.store.move(task.id, TaskStatus.failed, (TaskStatus.running,), RESTART_ERROR, error=RESTART_ERROR)
 

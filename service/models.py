@@ -103,6 +103,12 @@ def adapter_base(path: Path) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _trusted_source(resolved: Path, settings: Settings) -> bool:
+    """Whether a path read from a model's files may be loaded: inside the roots, or in the base-model store."""
+    trusted = [*(r.resolve() for r in settings.roots), (settings.model_dir / "base").resolve()]
+    return any(is_within(resolved, root) for root in trusted) or resolved == settings.base_model_path().resolve()
+
+
 def checked_adapter_base(path: Path, settings: Settings) -> Path:
     """The base model an adapter folder names, refused (403) unless it is a model inside the roots or a base model.
 
@@ -115,8 +121,7 @@ def checked_adapter_base(path: Path, settings: Settings) -> Path:
             details={"model": path.name},
         )
     resolved = Path(raw).expanduser().resolve()  # resolved as the loaders will read it
-    trusted = [*(r.resolve() for r in settings.roots), (settings.model_dir / "base").resolve()]
-    if not (any(is_within(resolved, root) for root in trusted) or resolved == settings.base_model_path().resolve()):
+    if not _trusted_source(resolved, settings):
         raise ForbiddenPathError(
             f"The adapter at '{path.name}' names a base model (base_model_name_or_path) outside the allowed roots; "
             "it must be a model folder inside the data dir, the model dir or an allowed root.",
@@ -125,10 +130,29 @@ def checked_adapter_base(path: Path, settings: Settings) -> Path:
     return resolved
 
 
+def check_tokenizer_files(path: Path, settings: Settings) -> None:
+    """Refuse (403) a tokenizer_config.json whose `*_file` entries point outside the roots (loaders open them as is)."""
+    try:
+        cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # absent or unreadable: the tokenizer loader reports it
+    if not isinstance(cfg, dict):
+        return
+    for key, value in cfg.items():
+        if not (key.endswith("_file") and isinstance(value, str) and value.strip()):
+            continue
+        if "\x00" in value or not _trusted_source(Path(value).expanduser().resolve(), settings):
+            raise ForbiddenPathError(
+                f"The tokenizer at '{path.name}' names a file ({key}) outside the allowed roots.",
+                details={"model": path.name, "field": key},
+            )
+
+
 def check_model_sources(path: Path, settings: Settings) -> Path:
-    """Check every path a model folder's own files point to (an adapter's base); return the folder."""
+    """Check every path a model folder's own files point to (an adapter's base, tokenizer files); return it."""
+    check_tokenizer_files(path, settings)
     if is_adapter_dir(path):
-        checked_adapter_base(path, settings)
+        check_tokenizer_files(checked_adapter_base(path, settings), settings)
     return path
 
 

@@ -34,7 +34,7 @@ from entity.runs import (
 )
 from entity.task import utcnow
 from service import models
-from service.jobs import RunningJob, is_worker_of, spawn_worker, take_ended, terminate_group
+from service.jobs import RunningJob, is_worker_of, process_start, spawn_worker, take_ended, terminate_group
 from service.tasks import TaskStore, lock_for_write
 from util.errors import AppError, ConflictError, InvalidInputError, NotFoundError
 from util.files import check_replaceable
@@ -261,7 +261,7 @@ class RunService:
         """Adopt live workers, fail runs whose worker is gone, and start the watcher thread."""
         for run in self.store.runs(LIVE_RUN_STATUSES):
             if run.pid and is_worker_of(run.pid, run.id, run.created_at, flag="--run-id"):
-                self._workers[run.id] = RunningJob(run.id, run.pid, self._log(run.id))
+                self._workers[run.id] = RunningJob(run.id, run.pid, self._log(run.id), started=process_start(run.pid))
                 continue
             self._fail(run.id, RESTART_ERROR)
         self._thread = threading.Thread(target=self._watch, name="run-watcher", daemon=True)

@@ -285,3 +285,14 @@ def test_a_saved_run_state_naming_an_outside_base_is_403(guarded, world, tmp_pat
     assert r.status_code == 403, r.text
     assert str(tmp_path) not in r.json()["error"]["message"]
     assert_intact(guarded, world)
+
+
+def test_a_tokenizer_config_naming_an_outside_file_is_403(guarded, world, tmp_path):
+    client = world["client"]
+    folder = guarded.data_dir / "mymodel"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_file": str(tmp_path / "outside.json")}))
+    r = client.post("/api/data/validate", json={"file_path": "uploads/keep.jsonl", "model": str(folder)})
+    assert r.status_code == 403, r.text
+    assert "tokenizer_file" in r.json()["error"]["message"] and str(tmp_path) not in r.json()["error"]["message"]
