@@ -1,6 +1,6 @@
 """Latency of GET /health at fixed request rates, with and without a CPU training task running.
 
-Usage: python bench/health_under_load.py [--rates 50,200] [--seconds 10] [--steps 400] [--worker-nice 10]
+Usage: python bench/health_under_load.py [--rates 50,200] [--seconds 10] [--worker-nice 10] [--train-threads N]
 Starts `python main.py` on a free loopback port with a throw-away data dir and the default base model
 (model/base/<models.base_model>; `make model` prepares it), fires /health open-loop at each rate, then starts a
 LoRA training task and repeats while it trains. Latency counts from each request's scheduled send time, so a
@@ -10,6 +10,7 @@ stalled server cannot hide behind a slowed-down client. Prints p50/p99/max per r
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -32,8 +33,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(work: Path, worker_nice: int) -> tuple[str, subprocess.Popen]:
-    """Run the service in its own process and wait until /health answers."""
+def start_server(work: Path, worker_nice: int, train_threads: int | None) -> tuple[str, subprocess.Popen]:
+    """Run the service in its own process and wait until /health answers.
+
+    Its training worker uses `train_threads` torch threads, or by default every core, as a real task would.
+    """
     config = {
         "paths": {"data_dir": str(work / "data"), "model_dir": str(ROOT / "model"), "db_path": str(work / "t.db")},
         "jobs": {"poll_interval": 0.5, "worker_nice": worker_nice},
@@ -51,7 +55,10 @@ def start_server(work: Path, worker_nice: int) -> tuple[str, subprocess.Popen]:
         "--log-level",
         "warning",
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if train_threads:
+        env["OMP_NUM_THREADS"] = str(train_threads)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -167,13 +174,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="max_steps of the training task (it is cancelled)")
     parser.add_argument("--worker-nice", type=int, default=10, help="jobs.worker_nice of the server")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections of the load generator")
+    parser.add_argument("--train-threads", type=int, default=None, help="torch threads of the task (default: all)")
     parser.add_argument("--idle-only", action="store_true", help="skip the training phase (a quick check)")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        url, proc = start_server(Path(tmp), args.worker_nice)
+        url, proc = start_server(Path(tmp), args.worker_nice, args.train_threads)
         try:
             for rate in rates:
                 rows.append(
