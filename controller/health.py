@@ -11,7 +11,7 @@ from util.settings import VERSION
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", response_model=HealthOut)
+@router.get("/health", response_model=HealthOut, summary="Service health")
 def health(request: Request, store: StoreDep, runner: RunnerDep) -> HealthOut:
     """Service status, version, uptime, device, job counts and inference counters."""
     counts = store.counts()
