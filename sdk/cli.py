@@ -16,8 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sdk import __version__ as SDK_VERSION
 from sdk.client import TuningClient
-from sdk.errors import APIConnectionError, APIStatusError, JobFailedError
+from sdk.errors import OVERWRITE_HINT, APIConnectionError, APIStatusError, JobFailedError
 from sdk.job import Job
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
@@ -110,7 +111,10 @@ def handled() -> Iterator[None]:
         errors.print(f"[red]server unreachable[/red]: {exc}")
         raise typer.Exit(EXIT_UNREACHABLE) from exc
     except APIStatusError as exc:
-        errors.print(f"[red]{exc.status_code} {exc.error_type}[/red]: {exc.message}")
+        message = exc.message
+        if exc.status_code == 409 and "overwrite" in message:  # the server names its JSON field; say the flag
+            message = message.replace(OVERWRITE_HINT, "") + " (here: rerun with --overwrite)"
+        errors.print(f"[red]{exc.status_code} {exc.error_type}[/red]: {message}")
         raise typer.Exit(EXIT_USAGE if exc.status_code < 500 else EXIT_FAILED) from exc
     except JobFailedError as exc:
         finish(exc.job)
@@ -158,8 +162,15 @@ def server(
     reload: Annotated[bool, typer.Option(help="Restart on code changes (development).")] = False,
     insecure: Annotated[bool, typer.Option(help="Allow a non-loopback host without API keys.")] = False,
 ) -> None:
-    """Start the service."""
-    from main import main as serve
+    """Start the service (needs the server installed beside the SDK, e.g. `pip install -e .` in the project)."""
+    try:
+        from main import main as serve  # lazy: the SDK alone imports neither the server, torch nor FastAPI
+    except ImportError as exc:
+        errors.print(
+            f"[red]the server is not installed here[/red] ({exc}); run it from a Win-Train checkout: "
+            "`make run` or `.venv/bin/python main.py`."
+        )
+        raise typer.Exit(EXIT_USAGE) from exc
 
     argv = ["serve"]
     for flag, value in (("--config", config), ("--host", host), ("--port", port)):
@@ -198,15 +209,13 @@ def status() -> None:
 @app.command()
 def version() -> None:
     """The CLI's version (and the server's, when reachable)."""
-    from util.settings import VERSION
-
-    info: dict[str, Any] = {"cli": VERSION}
+    info: dict[str, Any] = {"cli": SDK_VERSION}
     try:
         with client() as c:
             info["server"] = c.health().get("version")
     except (APIConnectionError, APIStatusError):
         info["server"] = None
-    out(info, f"wintrain {VERSION} (server: {info['server'] or 'unreachable'})")
+    out(info, f"wintrain {SDK_VERSION} (server: {info['server'] or 'unreachable'})")
 
 
 # -- data -------------------------------------------------------------------------------------------------
@@ -480,9 +489,10 @@ def demo(rounds: int = 2, samples: int = 4, train: int = 100, heldout: int = 40,
     """Run the rejection-sampling SFT demo (examples/rejection_sampling_sft.py) against the server."""
     import subprocess
 
-    from util.settings import PROJECT_ROOT
-
-    script = PROJECT_ROOT / "examples" / "rejection_sampling_sft.py"
+    script = Path(__file__).resolve().parent.parent / "examples" / "rejection_sampling_sft.py"
+    if not script.is_file():
+        errors.print(f"[red]{script} is missing[/red]: the demo runs from a Win-Train checkout.")
+        raise typer.Exit(EXIT_USAGE)
     options = {"--rounds": rounds, "--samples": samples, "--train": train, "--heldout": heldout}
     cmd = [sys.executable, str(script), "--max-tokens", str(max_tokens)]
     cmd += [str(x) for pair in options.items() for x in pair]
