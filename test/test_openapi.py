@@ -190,3 +190,13 @@ def test_timestamps_carry_utc(settings):
         for stamp in [task["created_at"], task["finished_at"], *(e["created_at"] for e in events)]:
             parsed = datetime.fromisoformat(stamp)
             assert parsed.utcoffset() is not None and parsed.utcoffset().total_seconds() == 0, stamp
+
+
+def test_an_empty_id_says_what_is_wrong(client):
+    missing = client.get("/api/train/status/")
+    assert missing.status_code == 404
+    message = missing.json()["error"]["message"]
+    assert "$TASK_ID" in message and "/api/train/status/" in message
+    empty = client.post("/api/inference/chat", json={"model": "", "messages": [{"role": "user", "content": "Hi"}]})
+    assert empty.status_code == 422, empty.text
+    assert "empty" in empty.json()["error"]["message"]
