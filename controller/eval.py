@@ -6,10 +6,10 @@ from fastapi import APIRouter, Body, Response
 
 from controller.deps import EvalServiceDep, SettingsDep, StoreDep
 from controller.openapi import error_responses
-from controller.tasks import queued_or_finished
+from controller.tasks import queued_or_finished, task_of_kind
 from entity import examples
 from entity.eval import EvalRequest, EvalStarted
-from entity.task import TaskOut
+from entity.task import TaskKind, TaskOut
 
 router = APIRouter(prefix="/api/eval", tags=["eval"])
 
@@ -45,4 +45,4 @@ async def evaluate(
 )
 def status(task_id: str, store: StoreDep) -> TaskOut:
     """An eval task's state; its metrics hold the results once it has finished."""
-    return TaskOut.model_validate(store.get(task_id))
+    return task_of_kind(store, task_id, TaskKind.eval)

@@ -7,10 +7,10 @@ from fastapi.responses import FileResponse
 
 from controller.deps import ExportServiceDep, SettingsDep, StoreDep
 from controller.openapi import error_responses
-from controller.tasks import queued_or_finished
+from controller.tasks import queued_or_finished, task_of_kind
 from entity import examples
 from entity.export import ArchiveExportRequest, ExportStarted, MergedExportRequest, OnnxExportRequest
-from entity.task import TaskOut, TaskRow
+from entity.task import TaskKind, TaskOut, TaskRow
 
 router = APIRouter(prefix="/api/export", tags=["export"])
 STARTED = {202: {"model": ExportStarted, "description": "Queued (without wait)."}} | error_responses(
@@ -76,7 +76,7 @@ async def archive(
 )
 def status(task_id: str, store: StoreDep) -> TaskOut:
     """An export task's state; its metrics hold the verification report once it has finished."""
-    return TaskOut.model_validate(store.get(task_id))
+    return task_of_kind(store, task_id, TaskKind.export)
 
 
 @router.get(

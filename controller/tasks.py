@@ -2,8 +2,21 @@
 
 from fastapi import Response
 
-from entity.task import TaskOut, TaskRow
+from entity.task import TaskKind, TaskOut, TaskRow
 from service.tasks import TaskStore
+from util.errors import NotFoundError
+
+
+def task_of_kind(store: TaskStore, task_id: str, kind: TaskKind) -> TaskOut:
+    """A task by id, 404 unless it is of `kind` (an eval status route does not show a training run)."""
+    task = store.get(task_id)
+    if task.kind != kind:
+        raise NotFoundError(
+            f"No {kind} task with id '{task_id}': it is a {task.kind} task (GET /api/train/status/{task_id} shows "
+            "tasks of every kind).",
+            details={"task_id": task_id, "kind": task.kind},
+        )
+    return TaskOut.model_validate(task)
 
 
 async def queued_or_finished(task: TaskRow, wait: bool, store: TaskStore, poll: float, response: Response) -> TaskOut:

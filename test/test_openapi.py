@@ -200,3 +200,22 @@ def test_an_empty_id_says_what_is_wrong(client):
     empty = client.post("/api/inference/chat", json={"model": "", "messages": [{"role": "user", "content": "Hi"}]})
     assert empty.status_code == 422, empty.text
     assert "empty" in empty.json()["error"]["message"]
+
+
+def test_status_routes_only_show_their_own_kind(client):
+    from conftest import add_task
+    from entity.task import TaskStatus
+
+    train_id = add_task(client, TaskStatus.succeeded, None, kind="train")
+    eval_id = add_task(client, TaskStatus.succeeded, None, kind="eval")
+    assert client.get(f"/api/eval/status/{train_id}").status_code == 404
+    assert client.get(f"/api/export/status/{eval_id}").status_code == 404
+    assert client.get(f"/api/eval/status/{eval_id}").status_code == 200
+    assert client.get(f"/api/train/status/{eval_id}").status_code == 200
+
+
+def test_a_403_does_not_reveal_the_roots(client, settings):
+    r = client.post("/api/data/validate", json={"file_path": "/etc/passwd"})
+    assert r.status_code == 403
+    text = r.text
+    assert str(settings.data_dir) not in text and str(settings.model_dir) not in text

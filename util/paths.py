@@ -21,9 +21,10 @@ def resolve_client_path(raw: str, base: Path, roots: list[Path]) -> Path:
         candidate = base / candidate
     resolved = candidate.resolve()
     if not any(is_within(resolved, root.resolve()) for root in roots):
-        allowed = ", ".join(str(r) for r in roots)
+        # The message names the settings, not the server's absolute folders.
         raise ForbiddenPathError(
-            f"Path '{raw}' resolves outside the allowed roots ({allowed}).",
+            f"Path '{raw}' resolves outside the allowed roots (the data dir, the model dir and paths.allowed_roots); "
+            "give a path relative to them.",
             details={"path": raw},
         )
     return resolved
