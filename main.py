@@ -17,6 +17,7 @@ from controller import data, export, health, inference, openai_api, runs, train
 from controller import eval as eval_routes
 from controller.auth import key_digests, require_api_key
 from controller.errors import install_error_handlers
+from controller.openapi import TAGS, error_responses, install_openapi
 from service.data import DataService
 from service.eval import EvalService
 from service.export import ExportService
@@ -71,11 +72,13 @@ def create_app(settings: Settings) -> FastAPI:
         version=VERSION,
         description="Self-hosted LLM training management: data, training, inference and an OpenAI-compatible API.",
         lifespan=lifespan,
+        openapi_tags=TAGS,
     )
     install_error_handlers(app)
     app.include_router(health.router)  # /health (like /docs) stays open
     for module in (data, train, inference, openai_api, runs, export, eval_routes):
-        app.include_router(module.router, dependencies=[Depends(require_api_key)])
+        app.include_router(module.router, dependencies=[Depends(require_api_key)], responses=error_responses(401))
+    install_openapi(app)
     return app
 
 

@@ -5,18 +5,25 @@ from typing import Annotated
 from fastapi import APIRouter, Body, File, Form, Query, UploadFile
 
 from controller.deps import DataServiceDep
+from controller.openapi import error_responses
+from entity import examples
 from entity.data import ProcessRequest, ProcessResponse, UploadResponse, ValidateRequest, ValidateResponse
 from util.errors import InvalidInputError
 
 router = APIRouter(prefix="/api/data", tags=["data"])
 
 
-@router.post("/validate", response_model=ValidateResponse)
+@router.post(
+    "/validate",
+    response_model=ValidateResponse,
+    summary="Validate a dataset",
+    responses=error_responses(403, 404, 422),
+)
 def validate(
     service: DataServiceDep,
     file_path: Annotated[str | None, Query(description="Alternative to the JSON body's file_path.")] = None,
     max_length: Annotated[int | None, Query(ge=1)] = None,
-    body: Annotated[ValidateRequest | None, Body()] = None,
+    body: Annotated[ValidateRequest | None, Body(openapi_examples=examples.VALIDATE)] = None,
 ) -> ValidateResponse:
     """Check a chat dataset's records and measure their token lengths."""
     body = body or ValidateRequest()
@@ -26,13 +33,26 @@ def validate(
     return service.validate(path, body.max_length or max_length, body.model)
 
 
-@router.post("/process", response_model=ProcessResponse)
-def process(req: ProcessRequest, service: DataServiceDep) -> ProcessResponse:
+@router.post(
+    "/process",
+    response_model=ProcessResponse,
+    summary="Normalise and split a dataset",
+    responses=error_responses(403, 404, 409, 422),
+)
+def process(
+    req: Annotated[ProcessRequest, Body(openapi_examples=examples.PROCESS)], service: DataServiceDep
+) -> ProcessResponse:
     """Normalise a dataset to messages JSONL and split it into train/val/test."""
     return service.process(req)
 
 
-@router.post("/upload", response_model=UploadResponse, status_code=201)
+@router.post(
+    "/upload",
+    response_model=UploadResponse,
+    status_code=201,
+    summary="Upload a dataset",
+    responses=error_responses(409, 422),
+)
 def upload(
     service: DataServiceDep,
     file: Annotated[UploadFile, File(description="A JSON or JSONL dataset.")],

@@ -4,10 +4,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Body, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from controller.deps import RunnerDep, StoreDep, TrainServiceDep
+from controller.openapi import error_responses
+from entity import examples
 from entity.task import TERMINAL_STATUSES, EventList, EventOut, TaskKind, TaskList, TaskOut, TaskStatus
 from entity.train import TrainRequest, TrainStarted
 from service.tasks import TaskStore
@@ -15,20 +17,28 @@ from service.tasks import TaskStore
 router = APIRouter(prefix="/api/train", tags=["train"])
 
 
-@router.post("/start", response_model=TrainStarted, status_code=202)
-def start(req: TrainRequest, service: TrainServiceDep) -> TrainStarted:
+@router.post(
+    "/start",
+    response_model=TrainStarted,
+    status_code=202,
+    summary="Start a training task",
+    responses=error_responses(403, 404, 409, 422, 429),
+)
+def start(
+    req: Annotated[TrainRequest, Body(openapi_examples=examples.TRAIN)], service: TrainServiceDep
+) -> TrainStarted:
     """Queue a training task and return its id at once."""
     task = service.start(req)
     return TrainStarted(task_id=task.id, status=task.status, output_dir=task.output_dir or "")
 
 
-@router.get("/status/{task_id}", response_model=TaskOut)
+@router.get("/status/{task_id}", response_model=TaskOut, summary="Get a task's status", responses=error_responses(404))
 def status(task_id: str, store: StoreDep) -> TaskOut:
     """A task's status, progress and outcome."""
     return TaskOut.model_validate(store.get(task_id))
 
 
-@router.get("/tasks", response_model=TaskList)
+@router.get("/tasks", response_model=TaskList, summary="List tasks", responses=error_responses(422))
 def tasks(
     store: StoreDep,
     status: TaskStatus | None = None,
@@ -41,13 +51,15 @@ def tasks(
     return TaskList(items=[TaskOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
-@router.post("/cancel/{task_id}", response_model=TaskOut)
+@router.post("/cancel/{task_id}", response_model=TaskOut, summary="Cancel a task", responses=error_responses(404, 409))
 def cancel(task_id: str, runner: RunnerDep) -> TaskOut:
     """Cancel a queued or running task (409 if it already finished)."""
     return TaskOut.model_validate(runner.cancel(task_id))
 
 
-@router.get("/logs/{task_id}", response_model=EventList)
+@router.get(
+    "/logs/{task_id}", response_model=EventList, summary="Get a task's events", responses=error_responses(404, 422)
+)
 def logs(
     task_id: str,
     store: StoreDep,
@@ -79,7 +91,12 @@ async def _event_stream(store: TaskStore, task_id: str, after: int, request: Req
             await asyncio.sleep(poll)
 
 
-@router.get("/events/{task_id}", response_class=EventSourceResponse)
+@router.get(
+    "/events/{task_id}",
+    response_class=EventSourceResponse,
+    summary="Stream a task's events (SSE)",
+    responses=error_responses(404, 422),
+)
 def events(
     task_id: str,
     request: Request,

@@ -22,6 +22,13 @@ class RecordError(BaseModel):
     reason: str
 
 
+class DuplicateRecord(BaseModel):
+    """A record whose normalised conversation equals an earlier one's (process keeps the first)."""
+
+    line: int = Field(..., description="Line (JSONL) or 1-based index (JSON array) of the duplicate.")
+    duplicate_of: int = Field(..., description="Line or index of the first record with the same conversation.")
+
+
 class LengthStats(BaseModel):
     """Token-length statistics of the valid records under the chat template."""
 
@@ -45,6 +52,14 @@ class ValidateResponse(BaseModel):
     formats: dict[str, int]
     errors: list[RecordError]
     errors_truncated: bool
+    duplicate_count: int = Field(
+        0,
+        description="Valid records equal to an earlier one after normalisation (any format): the number process "
+        "drops as duplicates_dropped.",
+    )
+    duplicates: list[DuplicateRecord] = Field(
+        default_factory=list, description="The first data.max_errors_reported duplicates."
+    )
     token_stats: LengthStats | None
 
 
@@ -95,6 +110,9 @@ class ProcessResponse(BaseModel):
     kept: int
     invalid_dropped: int
     duplicates_dropped: int
+    duplicates: list[DuplicateRecord] = Field(
+        default_factory=list, description="The dropped duplicates (the first data.max_errors_reported)."
+    )
     splits: dict[str, SplitFile]
 
 

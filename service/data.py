@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from entity.data import (
+    DuplicateRecord,
     LengthStats,
     ProcessRequest,
     ProcessResponse,
@@ -157,7 +158,8 @@ def read_records(path: Path) -> Iterator[ParsedRecord]:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            try:
+            try:  # without its line break, a truncated line's error points at its end, not at "column 1" of the next
+                line = line.rstrip("\r\n")
                 obj, end, reason = decoder.decode(line, ws(line, 0).end())
             except json.JSONDecodeError as exc:
                 yield ParsedRecord(lineno, error=f"bad JSON: {exc.msg} (column {exc.colno})")
@@ -165,6 +167,15 @@ def read_records(path: Path) -> Iterator[ParsedRecord]:
             if reason is None and ws(line, end).end() != len(line):
                 reason = f"bad JSON: Extra data (column {end + 1})"
             yield ParsedRecord(lineno, error=reason) if reason else ParsedRecord(lineno, obj)
+
+
+def conversation_key(messages: list[Message]) -> str:
+    """The duplicate key: two records are duplicates when their normalised conversations are equal.
+
+    Normalisation maps every format to the same role/content messages and trims and unifies each content's
+    line breaks, so the same conversation written as ShareGPT and as messages counts as one. The first is kept.
+    """
+    return json.dumps(messages, ensure_ascii=False, sort_keys=True)
 
 
 def _content(value: Any, index: int) -> str:
@@ -349,6 +360,9 @@ class DataService:
         invalid = 0
         total = 0
         conversations: list[list[Message]] = []
+        first_line: dict[str, int] = {}
+        duplicates: list[DuplicateRecord] = []
+        duplicate_count = 0
         for rec in read_records(path):
             total += 1
             if total % 1000 == 0:
@@ -359,6 +373,13 @@ class DataService:
                     fmt, messages = normalize_record(rec.obj)
                     formats[fmt] += 1
                     conversations.append(messages)
+                    key = conversation_key(messages)
+                    if key in first_line:
+                        duplicate_count += 1
+                        if len(duplicates) < limit:
+                            duplicates.append(DuplicateRecord(line=rec.line, duplicate_of=first_line[key]))
+                    else:
+                        first_line[key] = rec.line
                     continue
                 except RecordInvalid as exc:
                     reason = str(exc)
@@ -384,6 +405,8 @@ class DataService:
             formats=dict(formats),
             errors=errors,
             errors_truncated=invalid > len(errors),
+            duplicate_count=duplicate_count,
+            duplicates=duplicates,
             token_stats=stats,
         )
 
@@ -404,7 +427,8 @@ class DataService:
                 details={"existing": existing},
             )
         total = invalid = duplicates = 0
-        seen: set[str] = set()
+        seen: dict[str, int] = {}
+        dropped: list[DuplicateRecord] = []
         kept: list[list[Message]] = []
         for rec in read_records(path):
             total += 1
@@ -416,11 +440,13 @@ class DataService:
             except RecordInvalid:
                 invalid += 1
                 continue
-            key = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+            key = conversation_key(messages)
             if key in seen:
                 duplicates += 1
+                if len(dropped) < self.settings.data.max_errors_reported:
+                    dropped.append(DuplicateRecord(line=rec.line, duplicate_of=seen[key]))
                 continue
-            seen.add(key)
+            seen[key] = rec.line
             kept.append(messages)
         if not kept:
             raise InvalidInputError(
@@ -451,6 +477,7 @@ class DataService:
             kept=n,
             invalid_dropped=invalid,
             duplicates_dropped=duplicates,
+            duplicates=dropped,
             splits=splits,
         )
 

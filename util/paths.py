@@ -4,7 +4,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from util.errors import ForbiddenPathError
+from util.errors import ForbiddenPathError, InvalidInputError
 
 if TYPE_CHECKING:
     from util.settings import Settings
@@ -18,7 +18,7 @@ def is_within(path: Path, root: Path) -> bool:
 def resolve_client_path(raw: str, base: Path, roots: list[Path]) -> Path:
     """Resolve a client path (relative to `base`) and refuse it unless it lies inside a root."""
     if not raw or not raw.strip():
-        raise ForbiddenPathError("An empty path is not allowed.")
+        raise InvalidInputError("A path or model is empty; was a shell variable such as $TASK_ID left unset?")
     if "\x00" in raw:
         raise ForbiddenPathError("A path must not contain NUL bytes.")
     candidate = Path(raw).expanduser()

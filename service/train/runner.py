@@ -14,6 +14,7 @@ from service.tasks import TaskStore
 from service.train import attention
 from service.train.callbacks import StoreProgressCallback, finite
 from service.train.fused_lora import fuse_lora_layers
+from service.train.model_card import model_card
 from service.train.strategies import STRATEGIES
 from util.files import check_replaceable, write_marker
 from util.settings import Settings
@@ -131,6 +132,7 @@ class BuiltTrainer:
     output_dir: Path
     model_path: Path
     eval_ds: Any
+    train_records: int = 0
 
 
 def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, request: dict[str, Any]) -> BuiltTrainer:
@@ -191,7 +193,7 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
         callbacks=callbacks,
     )
     fuse_lora_layers(trainer.model)
-    return BuiltTrainer(trainer, req, tokenizer, args, device, dtype, output_dir, model_path, eval_ds)
+    return BuiltTrainer(trainer, req, tokenizer, args, device, dtype, output_dir, model_path, eval_ds, len(train_ds))
 
 
 def claim_output_dir(output_dir: Path, task_id: str) -> None:
@@ -219,7 +221,7 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
     result = trainer.train()
     trainer.save_model(str(output_dir))  # every rank takes part (FSDP gathers shards); rank 0 writes
     # Evaluation is collective under torchrun: every rank runs it before rank 0 alone writes the rest.
-    eval_metrics = numeric_metrics(trainer.evaluate()) if eval_ds is not None else {}
+    eval_metrics = final_evaluation(trainer) if eval_ds is not None else {}
     if not trainer.is_world_process_zero():
         return numeric_metrics(result.metrics)
     tokenizer.save_pretrained(str(output_dir))
@@ -244,9 +246,21 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
     metrics["global_step"] = trainer.state.global_step
     metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
     metrics.update(eval_metrics)
+    eval_records = len(eval_ds) if eval_ds is not None else None
+    card = model_card(req, model_path, is_adapter, built.train_records, eval_records, metrics, task_id)
+    (output_dir / "README.md").write_text(card, encoding="utf-8")  # replaces TRL's card, which links a hub "None"
     store.add_event(task_id, "log", f"saved {'adapter' if is_adapter else 'model'} to {output_dir}")
     log.info("task %s done in pid %s", task_id, os.getpid())
     return metrics
+
+
+def final_evaluation(trainer: Any) -> dict[str, Any]:
+    """The eval metrics at the last step: reused when the trainer has just evaluated there, else evaluated now."""
+    state = trainer.state
+    last = next((r for r in reversed(state.log_history) if "eval_loss" in r), None)
+    if last is not None and last.get("step") == state.global_step:
+        return numeric_metrics({k: v for k, v in last.items() if k.startswith("eval_")})
+    return numeric_metrics(trainer.evaluate())
 
 
 def numeric_metrics(values: dict[str, Any]) -> dict[str, Any]:
