@@ -15,7 +15,9 @@ from fastapi import Depends, FastAPI
 
 from controller import data, export, health, inference, openai_api, runs, train
 from controller import eval as eval_routes
+from controller import ui as ui_routes
 from controller.auth import key_digests, require_api_key
+from controller.docs import install_offline_docs
 from controller.errors import install_error_handlers
 from service.data import DataService
 from service.eval import EvalService
@@ -71,8 +73,12 @@ def create_app(settings: Settings) -> FastAPI:
         version=VERSION,
         description="Self-hosted LLM training management: data, training, inference and an OpenAI-compatible API.",
         lifespan=lifespan,
+        docs_url=None,  # served by install_offline_docs from vendored assets (no CDN)
+        redoc_url=None,
     )
     install_error_handlers(app)
+    install_offline_docs(app)
+    ui_routes.install(app)  # /static, the dashboard pages at /ui (pages open; their data calls need a key)
     app.include_router(health.router)  # /health (like /docs) stays open
     for module in (data, train, inference, openai_api, runs, export, eval_routes):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
