@@ -20,6 +20,14 @@ class RecordError(BaseModel):
     reason: str
 
 
+class HistogramBin(BaseModel):
+    """Records whose token length lies in [start, end) (the last bin includes its end)."""
+
+    start: int
+    end: int
+    count: int
+
+
 class LengthStats(BaseModel):
     """Token-length statistics of the valid records under the chat template."""
 
@@ -30,6 +38,7 @@ class LengthStats(BaseModel):
     max: int
     max_length: int
     over_max_length: int
+    histogram: list[HistogramBin] = Field(default_factory=list, description="Token-length histogram (<= 20 bins).")
 
 
 class ValidateResponse(BaseModel):
