@@ -21,9 +21,9 @@ PAGES = {
 
 def _page(request: Request, name: str, **context: object) -> HTMLResponse:
     """Render one page with the navigation; the page's data is fetched by its script."""
-    return templates.TemplateResponse(
-        request, f"{name}.html", {"page": name, "pages": PAGES, "version": VERSION, **context}
-    )
+    root = request.scope.get("root_path", "").rstrip("/")
+    context = {"page": name, "pages": PAGES, "version": VERSION, "root": root, **context}
+    return templates.TemplateResponse(request, f"{name}.html", context)
 
 
 @router.get("/")
