@@ -44,6 +44,9 @@ class JobSettings(BaseModel):
     cancel_grace_seconds: float = Field(5.0, ge=0)
 
 
+Tracker = Literal["none", "tensorboard", "mlflow", "wandb"]
+
+
 class TrainSettings(BaseModel):
     """Defaults for train requests that leave a field out."""
 
@@ -53,6 +56,9 @@ class TrainSettings(BaseModel):
     packing: Literal["auto", "on", "off"] = "auto"
     num_gpus: int | None = Field(None, ge=1)
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    report_to: Tracker | list[Tracker] = "tensorboard"
+    mlflow_tracking_uri: str | None = None
+    experiment_name: str = "win-train"
 
 
 class DataSettings(BaseModel):
