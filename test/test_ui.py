@@ -156,6 +156,8 @@ def test_start_training_and_watch_the_loss_curve_grow(dash: str, offline_page: O
     page = login(offline_page, dash, f"/ui?dataset={dataset}")
     assert page.input_value("#train-form input[name=dataset_path]") == dataset
     page.fill("#train-form input[name=max_steps]", "30")
+    page.fill("#train-form input[name=eval_dataset_path]", dataset)
+    page.fill("#train-form input[name=eval_steps]", "10")
     with page.expect_navigation(url=re.compile(r"/ui/tasks/[0-9a-f]{32}$")):
         page.click("#train-form button[type=submit]")
     task_id = page.url.rsplit("/", 1)[1]
@@ -176,6 +178,8 @@ def test_start_training_and_watch_the_loss_curve_grow(dash: str, offline_page: O
     page.wait_for_function("WT.charts.loss.data[0].length === 30")
     assert page.inner_text("#points-loss") == "30 points"
     assert page.evaluate("WT.charts.learning_rate.data[0].length") == 30
+    page.wait_for_function("WT.charts.eval_loss.data[0].length === 3")
+    assert page.evaluate("WT.charts.eval_loss.data[0]") == [10, 20, 30]
     assert page.evaluate("WT.charts.tokens_per_second.data[1].every(v => v > 0)")
     assert "training started: 30 steps" in page.inner_text("#task-logs")
     page.wait_for_selector("#task-files >> text=adapter_config.json")
@@ -185,6 +189,9 @@ def test_start_training_and_watch_the_loss_curve_grow(dash: str, offline_page: O
         page.locator("#task-files tr").filter(has=top_level).locator("button").click()
     assert json.loads(Path(dl.value.path()).read_text())["peft_type"] == "LORA"
     page.screenshot(path=str(artefact_dir / "task.png"), full_page=True)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(artefact_dir / "task-top.png"))  # the README's picture (docs/dashboard.png)
+    assert page.locator("#task-files code", has_text=re.compile(r"^tensorboard/events\.out\.tfevents")).count() == 1
     # a finished task draws its curve from the stored events
     page.reload()
     page.wait_for_function("WT.charts.loss.data[0].length === 30")
