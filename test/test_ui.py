@@ -191,7 +191,7 @@ def test_start_training_and_watch_the_loss_curve_grow(dash: str, offline_page: O
     page.screenshot(path=str(artefact_dir / "task.png"), full_page=True)
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(artefact_dir / "task-top.png"))  # the README's picture (docs/dashboard.png)
-    assert page.locator("#task-files code", has_text=re.compile(r"^tensorboard/events\.out\.tfevents")).count() == 1
+    assert page.locator("#task-files code", has_text=re.compile(r"^tensorboard/events\.out\.tfevents")).count() >= 1
     # a finished task draws its curve from the stored events
     page.reload()
     page.wait_for_function("WT.charts.loss.data[0].length === 30")
