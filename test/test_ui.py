@@ -197,6 +197,11 @@ def test_start_training_and_watch_the_loss_curve_grow(dash: str, offline_page: O
     page.wait_for_function("WT.charts.loss.data[0].length === 30")
     page.goto(dash + "/ui")
     page.wait_for_selector(f"#tasks-body tr[data-task-id='{task_id}'][data-status='succeeded']")
+    page.select_option("#task-filter select[name=status]", "failed")
+    page.wait_for_selector(f"#tasks-body tr[data-task-id='{task_id}']", state="detached")
+    page.select_option("#task-filter select[name=status]", "succeeded")
+    page.select_option("#task-filter select[name=kind]", "train")
+    page.wait_for_selector(f"#tasks-body tr[data-task-id='{task_id}']")
     assert page.locator(f"#tasks-body tr[data-task-id='{task_id}'] td.loss").inner_text() != "\u2013"  # not the dash
     page.screenshot(path=str(artefact_dir / "tasks.png"), full_page=True)
     assert offline_page.external == []
@@ -264,3 +269,19 @@ def test_evaluate_fine_tuned_against_base(dash: str, offline_page: OfflinePage, 
     assert len(first) == 5  # fine-tuned and base answers side by side
     page.screenshot(path=str(artefact_dir / "evals.png"), full_page=True)
     assert offline_page.external == []
+
+
+def test_cancel_a_running_task_from_the_table(dash: str, offline_page: OfflinePage) -> None:
+    trained_task(dash)  # the single job slot is free again
+    dataset = upload_sample(dash, "cancel-ui.json")
+    with api(dash) as c:
+        body = {"strategy": "lora", "dataset_path": dataset, "config": {"max_steps": 5000}}
+        task_id = c.post("/api/train/start", json=body).json()["task_id"]
+    page = login(offline_page, dash)
+    row = f"#tasks-body tr[data-task-id='{task_id}']"
+    page.wait_for_selector(f"{row}[data-status='running']", timeout=120_000)
+    page.click(f"{row} button.cancel")
+    page.wait_for_selector(f"{row}[data-status='cancelled']", timeout=60_000)
+    assert page.locator(f"{row} button.cancel").count() == 0
+    with api(dash) as c:
+        assert c.get(f"/api/train/status/{task_id}").json()["status"] == "cancelled"
