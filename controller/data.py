@@ -8,6 +8,7 @@ from controller.deps import DataServiceDep
 from controller.openapi import error_responses
 from entity import examples
 from entity.data import ProcessRequest, ProcessResponse, UploadResponse, ValidateRequest, ValidateResponse
+from entity.files import DatasetFileList, DatasetPreview
 from util.errors import InvalidInputError
 
 router = APIRouter(prefix="/api/data", tags=["data"])
@@ -60,3 +61,20 @@ def upload(
 ) -> UploadResponse:
     """Store an uploaded dataset under the data dir's uploads/ folder."""
     return service.upload(file.filename or "", file.file, overwrite=overwrite)
+
+
+@router.get("/files", response_model=DatasetFileList)
+def files(service: DataServiceDep) -> DatasetFileList:
+    """List the JSON and JSONL files under the data dir (uploads, processed splits)."""
+    return service.files()
+
+
+@router.get("/preview", response_model=DatasetPreview)
+def preview(
+    service: DataServiceDep,
+    file_path: Annotated[str, Query(description="Relative to the data dir, or absolute inside an allowed root.")],
+    offset: Annotated[int, Query(ge=0, description="Records to skip.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=200, description="Records to return.")] = 20,
+) -> DatasetPreview:
+    """Show a window of a dataset's records, normalised to messages, with each bad record's reason."""
+    return service.preview(file_path, offset, limit)

@@ -29,6 +29,14 @@ class DuplicateRecord(BaseModel):
     duplicate_of: int = Field(..., description="Line or index of the first record with the same conversation.")
 
 
+class HistogramBin(BaseModel):
+    """Records whose token length lies in [start, end) (the last bin includes its end)."""
+
+    start: int
+    end: int
+    count: int
+
+
 class LengthStats(BaseModel):
     """Token-length statistics of the valid records under the chat template."""
 
@@ -39,6 +47,7 @@ class LengthStats(BaseModel):
     max: int
     max_length: int
     over_max_length: int
+    histogram: list[HistogramBin] = Field(default_factory=list, description="Token-length histogram (<= 20 bins).")
 
 
 class ValidateResponse(BaseModel):

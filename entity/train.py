@@ -5,6 +5,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from entity.common import MAX_TRAIN_SEED
+from util.settings import Tracker
 
 
 class LoraConfigIn(BaseModel):
@@ -69,12 +70,28 @@ class TrainConfig(BaseModel):
     )
     distributed: Literal["ddp", "fsdp"] | None = Field(None, description="Default train.distributed of the config.")
     lora_config: LoraConfigIn | None = None
+    report_to: Tracker | list[Tracker] | None = Field(
+        None,
+        description="Experiment trackers fed with the training metrics: none, tensorboard (event files in the output "
+        "folder's tensorboard/), mlflow (train.mlflow_tracking_uri, default a store in the output folder's mlruns/), "
+        "wandb (offline, into the output folder), or a list. Default: train.report_to in the config (tensorboard).",
+    )
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
         """Default to one epoch; refuse max_steps and num_train_epochs together."""
         if self.max_steps is not None and self.num_train_epochs is not None:
             raise ValueError("give max_steps or num_train_epochs, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _trackers(self) -> "TrainConfig":
+        """A tracker list names each tracker once, and "none" only alone."""
+        if isinstance(self.report_to, list):
+            if len(set(self.report_to)) != len(self.report_to):
+                raise ValueError("report_to must not repeat a tracker")
+            if "none" in self.report_to and len(self.report_to) > 1:
+                raise ValueError('report_to "none" cannot be combined with trackers')
         return self
 
 

@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 
 from entity.data import (
     DuplicateRecord,
+    HistogramBin,
     LengthStats,
     ProcessRequest,
     ProcessResponse,
@@ -24,7 +25,9 @@ from entity.data import (
     UploadResponse,
     ValidateResponse,
 )
+from entity.files import DatasetFileList, DatasetPreview, PreviewRecord
 from service import models
+from service.outputs import file_entry, list_files
 from util.errors import ConflictError, InvalidInputError, NotFoundError
 from util.files import check_replaceable, default_dir_mode, write_marker
 from util.paths import resolve_client_path, resolve_output
@@ -292,6 +295,15 @@ def _percentile(values: list[int], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
+def histogram(ordered: list[int], bins: int = 20) -> list[HistogramBin]:
+    """Equal-width integer bins over sorted lengths (fewer bins when the range is narrow)."""
+    lo, hi = ordered[0], ordered[-1]
+    width = max(1, -(-(hi - lo + 1) // bins))  # ceil, so `bins` bins of `width` cover [lo, hi]
+    counts = Counter((n - lo) // width for n in ordered)
+    n_bins = (hi - lo) // width + 1
+    return [HistogramBin(start=lo + i * width, end=lo + (i + 1) * width, count=counts.get(i, 0)) for i in range(n_bins)]
+
+
 def length_stats(lengths: list[int], max_length: int) -> LengthStats | None:
     """Summarise token lengths; None when there are none."""
     if not lengths:
@@ -305,6 +317,7 @@ def length_stats(lengths: list[int], max_length: int) -> LengthStats | None:
         max=ordered[-1],
         max_length=max_length,
         over_max_length=sum(1 for n in ordered if n > max_length),
+        histogram=histogram(ordered),
     )
 
 
@@ -409,6 +422,33 @@ class DataService:
             duplicates=duplicates,
             token_stats=stats,
         )
+
+    def files(self) -> DatasetFileList:
+        """JSON and JSONL files under the data dir, for pickers."""
+        root = self.settings.data_dir
+        found, truncated = list_files(root, (".json", ".jsonl"), limit=500) if root.is_dir() else ([], False)
+        return DatasetFileList(data_dir=str(root), items=[file_entry(p, root) for p in found], truncated=truncated)
+
+    def preview(self, file_path: str, offset: int = 0, limit: int = 20) -> DatasetPreview:
+        """Records `offset` to `offset + limit` of a file, normalised to messages, or with their error."""
+        path = self.resolve_input(file_path)
+        items: list[PreviewRecord] = []
+        has_more = False
+        for i, rec in enumerate(read_records(path)):
+            if i < offset:
+                continue
+            if len(items) == limit:
+                has_more = True
+                break
+            if rec.error is not None:
+                items.append(PreviewRecord(line=rec.line, format=None, messages=None, error=rec.error))
+                continue
+            try:
+                fmt, messages = normalize_record(rec.obj)
+                items.append(PreviewRecord(line=rec.line, format=fmt, messages=messages, error=None))
+            except RecordInvalid as exc:
+                items.append(PreviewRecord(line=rec.line, format=None, messages=None, raw=rec.obj, error=str(exc)))
+        return DatasetPreview(file_path=str(path), offset=offset, items=items, has_more=has_more)
 
     def process(self, req: ProcessRequest) -> ProcessResponse:
         """Normalise valid records to messages JSONL, drop duplicates, and write a seeded split."""

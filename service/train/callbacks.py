@@ -66,6 +66,9 @@ class StoreProgressCallback(TrainerCallback):
         if not logs or not state.is_world_process_zero:
             return
         record = {"step": state.global_step, "total_steps": state.max_steps, **{k: _json(v) for k, v in logs.items()}}
+        tokens = state.num_input_tokens_seen or 0
+        if "loss" in logs and tokens:  # the dashboard's tokens/s curve
+            record["tokens_per_second"] = round(tokens / max(time.monotonic() - self.started, 1e-9), 2)
         with self.log_file.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         if "loss" in logs:

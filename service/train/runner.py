@@ -11,7 +11,7 @@ from entity.train import TrainConfig, TrainRequest
 from service import models
 from service.data import load_conversations
 from service.tasks import TaskStore
-from service.train import attention
+from service.train import attention, tracking
 from service.train.callbacks import StoreProgressCallback, finite
 from service.train.fused_lora import fuse_lora_layers
 from service.train.model_card import model_card
@@ -75,6 +75,8 @@ def build_sft_config(
     dtype: str,
     packing: bool,
     distributed: dict[str, Any] | None = None,
+    report_to: list[str] | None = None,
+    run_name: str | None = None,
 ) -> Any:
     """Translate the request into TRL's SFTConfig."""
     from trl import SFTConfig
@@ -110,7 +112,8 @@ def build_sft_config(
         use_liger_kernel=models.liger_available() if cfg.use_liger_kernel is None else cfg.use_liger_kernel,
         torch_compile=cfg.torch_compile,
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        report_to=report_to or "none",
+        run_name=run_name,
         disable_tqdm=True,
         dataloader_num_workers=0,
         **length,
@@ -181,7 +184,13 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
     # An adapter given as the model is already a trainable PeftModel: no second adapter on top.
     peft_config = None if hasattr(model, "peft_config") else strategy.peft_config(req.config)
     dist = distributed_args(resolved.get("distributed") or "ddp", device)
-    args = build_sft_config(settings, req.config, output_dir, eval_ds is not None, dtype, packing, dist)
+    report_to = resolved.get("report_to")
+    if report_to is None:  # a task queued before report_to existed
+        report_to = tracking.trackers(req.config.report_to, settings.train.report_to)
+    tracking.apply(report_to, output_dir, settings)
+    args = build_sft_config(
+        settings, req.config, output_dir, eval_ds is not None, dtype, packing, dist, report_to, task_id
+    )
     callbacks = [StoreProgressCallback(store, task_id, output_dir / "trainer_log.jsonl")] if store else []
     trainer = SFTTrainer(
         model=model,

@@ -9,7 +9,7 @@ from entity.train import TrainRequest
 from service import models
 from service.data import load_conversations
 from service.jobs import JobRunner
-from service.train import attention
+from service.train import attention, tracking
 from service.train.strategies import STRATEGIES
 from util.errors import ConflictError, InvalidInputError, NotFoundError
 from util.files import check_replaceable
@@ -33,6 +33,7 @@ def task_request(
     output_dir: Path,
     num_processes: int = 1,
     distributed: str = "ddp",
+    report_to: list[str] | None = None,
 ) -> dict[str, Any]:
     """The stored request of a train task: what the client asked, plus what it resolved to."""
     return {
@@ -44,6 +45,7 @@ def task_request(
             "output_dir": str(output_dir),
             "num_processes": num_processes,
             "distributed": distributed,
+            "report_to": report_to or [],
         },
     }
 
@@ -121,6 +123,8 @@ class TrainService:
             raise InvalidInputError(
                 'attn_implementation "varlen" needs packing and a CUDA GPU; leave it "auto" to use it where it can run.'
             )
+        report_to = tracking.trackers(req.config.report_to, self.settings.train.report_to)
+        tracking.check_installed(report_to)
         dataset = self._dataset(req.dataset_path, "dataset_path")
         eval_dataset = None
         if req.config.eval_dataset_path:
@@ -132,5 +136,5 @@ class TrainService:
         processes = self._processes(req)
         if distributed == "fsdp" and processes > 1 and not models.gpu_count():
             raise InvalidInputError('FSDP needs CUDA GPUs; on CPU use "distributed": "ddp".')
-        request = task_request(req, dataset, eval_dataset, model_path, output_dir, processes, distributed)
+        request = task_request(req, dataset, eval_dataset, model_path, output_dir, processes, distributed, report_to)
         return self.runner.submit(TaskKind.train, request, str(output_dir), task_id)
