@@ -53,6 +53,7 @@ class TrainSettings(BaseModel):
     packing: Literal["auto", "on", "off"] = "auto"
     num_gpus: int | None = Field(None, ge=1)
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    max_resumes: int = Field(3, ge=0)
 
 
 class DataSettings(BaseModel):
