@@ -236,7 +236,7 @@ def test_killed_server_and_worker_resume_to_the_same_weights(tmp_path, tiny_mode
     work.mkdir()
     write_jsonl(work / "data" / "chats.jsonl", SHORT + LONG)
     config = {
-        "max_steps": 24,
+        "max_steps": 12,
         "save_steps": 4,
         "per_device_train_batch_size": 2,
         "learning_rate": 1e-3,
@@ -252,7 +252,7 @@ def test_killed_server_and_worker_resume_to_the_same_weights(tmp_path, tiny_mode
         task_id = r.json()["task_id"]
         out = model_root / "outputs" / "resumed"
         deadline = time.monotonic() + 180
-        while not (out / "checkpoint-8" / "trainer_state.json").is_file():
+        while not (out / "checkpoint-4" / "trainer_state.json").is_file():
             assert time.monotonic() < deadline, _status(url, task_id)
             time.sleep(0.1)
         pid = _pid(work, task_id)
@@ -266,14 +266,14 @@ def test_killed_server_and_worker_resume_to_the_same_weights(tmp_path, tiny_mode
     finally:
         if proc.poll() is None:
             stop_server(proc)
-    assert not (out / "checkpoint-24").exists(), "the run finished before it was killed; raise max_steps"
+    assert not (out / "checkpoint-12").exists(), "the run finished before it was killed; raise max_steps"
 
     url, proc = start_server(work, model_root)
     try:
         task = _wait(url, task_id, {"succeeded", "failed", "cancelled"})
         assert task["status"] == "succeeded", task["error"]
         assert task["metrics"]["resume_count"] == 1 and task["request"]["resolved"]["resume_count"] == 1
-        assert task["current_step"] == 24
+        assert task["current_step"] == 12
         events = httpx.get(f"{url}/api/train/logs/{task_id}", timeout=10).json()["items"]
         requeued = [e for e in events if e["type"] == "status" and e["data"]["status"] == "queued"]
         assert len(requeued) == 2 and "re-queued to resume from checkpoint-" in requeued[1]["message"]
