@@ -326,3 +326,45 @@ def test_interrupted_task_without_checkpoint_fails_and_resumes_are_capped(settin
         capped_now = client.get(f"/api/train/status/{capped.id}").json()
         assert capped_now["status"] == "failed"
         assert "gave up after 3 resumes" in capped_now["error"]
+
+
+def test_cli_starts_from_a_config_file_and_shows_data_stats(tmp_path, tiny_model_root):
+    import subprocess
+    import sys
+
+    from conftest import SAMPLE
+    from sdk import TuningClient
+
+    work = tmp_path / "cli"
+    work.mkdir()
+    url, proc = start_server(work, _tiny_store(tmp_path, tiny_model_root))
+    try:
+        with TuningClient(base_url=url) as c:
+            c.data.upload(SAMPLE)
+        doc = yaml.safe_load((PROJECT_ROOT / "examples" / "train.yaml").read_text())
+        doc["config"].update(max_steps=2, max_length=64, truncate=False)
+        config = tmp_path / "train.yaml"
+        config.write_text(yaml.safe_dump(doc))
+
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            cmd = [sys.executable, "-m", "sdk.cli", "--base-url", url, *args]
+            return subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+
+        started = cli("--json", "train", "start", "--config", str(config), "--wait")
+        assert started.returncode == 0, started.stderr + started.stdout
+        job = json.loads(started.stdout)
+        assert job["status"] == "succeeded" and job["current_step"] == 2
+        stats = job["metrics"]["data_stats"]
+        assert stats["skipped"] > 0 and stats["processed"] + stats["skipped"] + stats["failed"] == stats["records"]
+        shown = cli("train", "status", job["id"])
+        assert shown.returncode == 0 and "training data" in shown.stdout and "before truncation" in shown.stdout
+        with TuningClient(base_url=url) as c:
+            assert c.tunings.get(job["id"]).data_stats == stats
+            assert c.tunings.get(job["id"]).resume_count == 0
+        assert cli("train", "start").returncode != 0  # neither a dataset nor --config
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("strategy: lora\ndataset_path: uploads/train_sample.json\nconfig: {epochs: 1}\n")
+        refused = cli("train", "start", "--config", str(bad))
+        assert refused.returncode != 0 and "config.epochs" in refused.stderr
+    finally:
+        stop_server(proc)
