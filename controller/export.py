@@ -5,7 +5,13 @@ from fastapi.responses import FileResponse
 
 from controller.deps import ExportServiceDep, SettingsDep, StoreDep
 from controller.tasks import queued_or_finished
-from entity.export import ArchiveExportRequest, ExportStarted, MergedExportRequest, OnnxExportRequest
+from entity.export import (
+    ArchiveExportRequest,
+    ExportStarted,
+    GgufExportRequest,
+    MergedExportRequest,
+    OnnxExportRequest,
+)
 from entity.task import TaskOut, TaskRow
 
 router = APIRouter(prefix="/api/export", tags=["export"])
@@ -43,6 +49,14 @@ async def archive(
 ) -> ExportStarted:
     """Write a tar.gz of the model or adapter, tokenizer, training args, log and a loading README."""
     return await _answer(service.archive(req), req.wait, store, settings, response)
+
+
+@router.post("/gguf", response_model=ExportStarted, status_code=200)
+async def gguf(
+    req: GgufExportRequest, service: ExportServiceDep, store: StoreDep, settings: SettingsDep, response: Response
+) -> ExportStarted:
+    """Write a GGUF file (f16, bf16 or q8_0) and an Ollama Modelfile; verify logits after loading it back."""
+    return await _answer(service.gguf(req), req.wait, store, settings, response)
 
 
 @router.get("/status/{task_id}", response_model=TaskOut)
