@@ -1,14 +1,22 @@
 """Data routes: validate, process (normalise + split), and upload."""
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, File, Form, Query, UploadFile
 
 from controller.deps import DataServiceDep
 from controller.openapi import error_responses
 from entity import examples
-from entity.data import ProcessRequest, ProcessResponse, UploadResponse, ValidateRequest, ValidateResponse
-from entity.files import DatasetFileList, DatasetPreview
+from entity.data import (
+    DataFileList,
+    DeleteResponse,
+    PreviewResponse,
+    ProcessRequest,
+    ProcessResponse,
+    UploadResponse,
+    ValidateRequest,
+    ValidateResponse,
+)
 from util.errors import InvalidInputError
 
 router = APIRouter(prefix="/api/data", tags=["data"])
@@ -43,7 +51,7 @@ def validate(
 def process(
     req: Annotated[ProcessRequest, Body(openapi_examples=examples.PROCESS)], service: DataServiceDep
 ) -> ProcessResponse:
-    """Normalise a dataset to messages JSONL and split it into train/val/test."""
+    """Normalise one or several datasets (merged, deduplicated) to messages JSONL and split into train/val/test."""
     return service.process(req)
 
 
@@ -63,18 +71,29 @@ def upload(
     return service.upload(file.filename or "", file.file, overwrite=overwrite)
 
 
-@router.get("/files", response_model=DatasetFileList)
-def files(service: DataServiceDep) -> DatasetFileList:
-    """List the JSON and JSONL files under the data dir (uploads, processed splits)."""
-    return service.files()
+@router.get("/files", response_model=DataFileList)
+def files(
+    service: DataServiceDep, kind: Annotated[Literal["upload", "processed"] | None, Query()] = None
+) -> DataFileList:
+    """Uploaded and processed datasets under the data dir: size, record count and format."""
+    return service.list_files(kind)
 
 
-@router.get("/preview", response_model=DatasetPreview)
+@router.get("/preview", response_model=PreviewResponse)
 def preview(
     service: DataServiceDep,
     file_path: Annotated[str, Query(description="Relative to the data dir, or absolute inside an allowed root.")],
-    offset: Annotated[int, Query(ge=0, description="Records to skip.")] = 0,
-    limit: Annotated[int, Query(ge=1, le=200, description="Records to return.")] = 20,
-) -> DatasetPreview:
-    """Show a window of a dataset's records, normalised to messages, with each bad record's reason."""
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+) -> PreviewResponse:
+    """A page of a dataset's records, normalised to messages (unusable ones with the reason)."""
     return service.preview(file_path, offset, limit)
+
+
+@router.delete("/files", response_model=DeleteResponse)
+def delete_upload(
+    service: DataServiceDep,
+    file_path: Annotated[str, Query(description="An uploaded file: uploads/<name> or <name>.")],
+) -> DeleteResponse:
+    """Delete an uploaded dataset (only files sent through /api/data/upload)."""
+    return service.delete_upload(file_path)

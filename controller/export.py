@@ -10,7 +10,13 @@ from controller.deps import ExportServiceDep, SettingsDep, StoreDep
 from controller.openapi import error_responses
 from controller.tasks import queued_or_finished
 from entity import examples
-from entity.export import ArchiveExportRequest, ExportStarted, MergedExportRequest, OnnxExportRequest
+from entity.export import (
+    ArchiveExportRequest,
+    ExportStarted,
+    GgufExportRequest,
+    MergedExportRequest,
+    OnnxExportRequest,
+)
 from entity.task import TaskKind, TaskOut, TaskRow
 
 router = APIRouter(prefix="/api/export", tags=["export"])
@@ -68,6 +74,24 @@ async def archive(
 ) -> ExportStarted:
     """Write a tar.gz of the model or adapter, tokenizer, training args, log and a loading README."""
     return await _answer(await asyncio.to_thread(service.archive, req), req.wait, store, settings, response)
+
+
+@router.post(
+    "/gguf",
+    response_model=ExportStarted,
+    status_code=200,
+    summary="Export a GGUF file (llama.cpp, Ollama)",
+    responses=STARTED,
+)
+async def gguf(
+    req: Annotated[GgufExportRequest, Body(openapi_examples=examples.EXPORT_GGUF)],
+    service: ExportServiceDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    response: Response,
+) -> ExportStarted:
+    """Write a GGUF file (f16, bf16 or q8_0) and an Ollama Modelfile; verify logits after loading it back."""
+    return await _answer(await asyncio.to_thread(service.gguf, req), req.wait, store, settings, response)
 
 
 @router.get(

@@ -29,6 +29,7 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     403: "A path outside the allowed roots.",
     404: "A task, file or model that does not exist.",
     409: "A conflict with the current state: an existing output without overwrite, a task in the wrong state.",
+    415: "A body in a media type the route does not read.",
     422: "Invalid input: the message names each field at fault.",
     429: "A limit is reached; retry later.",
 }
@@ -39,6 +40,7 @@ ERROR_EXAMPLES: dict[int, tuple[str, str]] = {
     403: ("forbidden_path", "The path '../etc' resolves outside the allowed roots."),
     404: ("not_found", "No task with id '0123456789abcdef0123456789abcdef'."),
     409: ("conflict", "The output folder is not empty; pass overwrite to replace it."),
+    415: ("unsupported_media_type", "Send the train request as application/json or application/yaml, not text/csv."),
     422: ("validation_error", "config: give max_steps or num_train_epochs, not both"),
     429: ("too_many_runs", "2 runs are live (runs.max_runs); delete one or retry later."),
 }

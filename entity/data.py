@@ -1,5 +1,7 @@
 """Request and response schemas of the data API."""
 
+from datetime import datetime
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from entity.common import MAX_SEED
@@ -97,10 +99,24 @@ class ProcessRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input_file: str
+    input_file: str | None = Field(None, description="One input file (or use input_files).")
+    input_files: list[str] | None = Field(
+        None, min_length=1, max_length=256, description="Several input files, merged in order and deduplicated."
+    )
     output_dir: str = Field(..., description="Relative to the data dir, or absolute inside an allowed root.")
     split_config: SplitConfig = Field(default_factory=SplitConfig)
     overwrite: bool = Field(False, description="Replace existing train/val/test files in output_dir.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "ProcessRequest":
+        """Require input_file or input_files, not both."""
+        if (self.input_file is None) == (self.input_files is None):
+            raise ValueError("give input_file or input_files (not both)")
+        return self
+
+    def inputs(self) -> list[str]:
+        """The input files in merge order."""
+        return [self.input_file] if self.input_file is not None else list(self.input_files or [])
 
 
 class SplitFile(BaseModel):
@@ -114,6 +130,7 @@ class ProcessResponse(BaseModel):
     """What process wrote."""
 
     input_file: str
+    input_files: list[str]
     output_dir: str
     total: int
     kept: int
@@ -129,4 +146,51 @@ class UploadResponse(BaseModel):
     """Where an uploaded file was stored."""
 
     file_path: str
+    size_bytes: int
+
+
+class DataFile(BaseModel):
+    """A dataset file under the data dir."""
+
+    file_path: str = Field(..., description="Relative to the data dir (what the other data routes take).")
+    kind: str = Field(..., description="upload (sent through /api/data/upload) or processed (anything else).")
+    size_bytes: int
+    records: int = Field(..., description="Records in the file, valid or not.")
+    valid_records: int
+    format: str | None = Field(None, description="The most common record format (messages, sharegpt, alpaca, ...).")
+    formats: dict[str, int]
+    modified_at: datetime
+
+
+class DataFileList(BaseModel):
+    """Datasets under the data dir, newest first."""
+
+    items: list[DataFile]
+    total: int
+
+
+class PreviewRecord(BaseModel):
+    """One record of a preview: normalised messages, or why it is unusable."""
+
+    line: int
+    format: str | None = None
+    messages: list[dict[str, str]] | None = None
+    error: str | None = None
+
+
+class PreviewResponse(BaseModel):
+    """A page of a dataset's records, normalised."""
+
+    file_path: str
+    offset: int
+    limit: int
+    items: list[PreviewRecord]
+    next_offset: int | None
+
+
+class DeleteResponse(BaseModel):
+    """What DELETE removed."""
+
+    file_path: str
+    deleted: bool
     size_bytes: int

@@ -145,6 +145,13 @@ EXPORT_ARCHIVE: Examples = {
     )
 }
 
+EXPORT_GGUF: Examples = {
+    "q8_0": _one(
+        "The trained LoRA merged and written as a q8_0 GGUF with an Ollama Modelfile",
+        {"model": SAMPLE_LORA, "output_path": "exports/sample-gguf", "type": "q8_0", "overwrite": True, "wait": True},
+    )
+}
+
 CREATE_RUN: Examples = {"lora": _one("A fresh rank-16 LoRA on the base model", {"lora": {"r": 16, "alpha": 32}})}
 
 FORWARD_BACKWARD: Examples = {

@@ -1,7 +1,6 @@
-"""Schemas of the task output-file API and the dataset listing/preview API."""
+"""Schemas of the task output-file API."""
 
 from datetime import datetime
-from typing import Any
 
 from pydantic import BaseModel
 
@@ -21,30 +20,3 @@ class TaskFileList(BaseModel):
     output_dir: str
     items: list[FileEntry]
     truncated: bool
-
-
-class DatasetFileList(BaseModel):
-    """JSON and JSONL files under the data dir (paths relative to it)."""
-
-    data_dir: str
-    items: list[FileEntry]
-    truncated: bool
-
-
-class PreviewRecord(BaseModel):
-    """One record of a dataset: its messages once normalised, or why it is unusable."""
-
-    line: int
-    format: str | None
-    messages: list[dict[str, str]] | None
-    raw: Any = None
-    error: str | None
-
-
-class DatasetPreview(BaseModel):
-    """A window of a dataset's records."""
-
-    file_path: str
-    offset: int
-    items: list[PreviewRecord]
-    has_more: bool

@@ -384,7 +384,11 @@ def _num(value: Any) -> str:
 
 @train_app.command("start")
 def train_start(
-    file: Annotated[str, typer.Argument(help="Training dataset path on the server.")],
+    file: Annotated[str | None, typer.Argument(help="Training dataset path on the server.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="A YAML/JSON train request file (see examples/train.yaml); replaces FILE."),
+    ] = None,
     strategy: Annotated[str, typer.Option(help="trl (full SFT) or lora.")] = "lora",
     model: Annotated[str | None, typer.Option(help="Base model or a trained task id.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Hyperparameter key=value (repeat).")] = None,
@@ -392,11 +396,20 @@ def train_start(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Allow a non-empty output folder.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait with a live progress bar.")] = False,
 ) -> None:
-    """Start a training job."""
+    """Start a training job from a dataset path and options, or from a --config file."""
+    if (file is None) == (config is None):
+        errors.print("[red]give a dataset FILE or --config train.yaml (not both)[/red]")
+        raise typer.Exit(EXIT_USAGE)
+    if config is not None and not config.is_file():
+        errors.print(f"[red]config file not found[/red]: {config}")
+        raise typer.Exit(EXIT_USAGE)
     params = parse_sets(set_ or [])
     with client() as c:
-        job = run(lambda: c.tunings.create(file, model=model, strategy=strategy, hyperparameters=params,
-                                           output_dir=output_dir, overwrite=overwrite))  # fmt: skip
+        if config is not None:
+            job = run(lambda: c.tunings.create_from_config(config))
+        else:
+            job = run(lambda: c.tunings.create(file, model=model, strategy=strategy, hyperparameters=params,
+                                               output_dir=output_dir, overwrite=overwrite))  # fmt: skip
         if wait:
             job = run(lambda: c.tunings.wait(job.id, show_progress=not state.json, raise_on_failure=False))
             finish(job)
@@ -417,9 +430,23 @@ def train_list(
 
 @train_app.command("status")
 def train_status(job_id: Annotated[str, typer.Argument(help="A job id (train, eval or export).")]) -> None:
-    """A job's state."""
+    """A job's state (and a training job's data statistics)."""
     job = run(lambda: client().tunings.get(job_id))
     out(job_dict(job), jobs_table([job], "job"))
+    if job.data_stats and not state.json:
+        console.print(data_stats_table(job.data_stats))
+
+
+def data_stats_table(stats: dict[str, Any]) -> Table:
+    """A rich table of a training job's data statistics."""
+    counts = ", ".join(f"{k} {stats.get(k, 0)}" for k in ("records", "processed", "truncated", "skipped", "failed"))
+    table = Table(title=f"training data: {counts} (max_length {stats.get('max_length')})")
+    for col in ("tokens per record", "min", "mean", "median", "p95", "max"):
+        table.add_column(col)
+    for label, key in (("before truncation", "length_before_truncation"), ("after", "length_after_truncation")):
+        row = stats.get(key) or {}
+        table.add_row(label, *(str(row.get(k, "-")) for k in ("min", "mean", "median", "p95", "max")))
+    return table
 
 
 @train_app.command("cancel")

@@ -6,18 +6,25 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from entity.data import (
+    DataFile,
+    DataFileList,
+    DeleteResponse,
     DuplicateRecord,
     HistogramBin,
     LengthStats,
+    PreviewRecord,
+    PreviewResponse,
     ProcessRequest,
     ProcessResponse,
     RecordError,
@@ -25,10 +32,8 @@ from entity.data import (
     UploadResponse,
     ValidateResponse,
 )
-from entity.files import DatasetFileList, DatasetPreview, PreviewRecord
 from service import models
-from service.outputs import file_entry, list_files
-from util.errors import ConflictError, InvalidInputError, NotFoundError
+from util.errors import ConflictError, ForbiddenPathError, InvalidInputError, NotFoundError
 from util.files import check_replaceable, default_dir_mode, write_marker
 from util.paths import resolve_client_path, resolve_output
 from util.settings import Settings
@@ -46,6 +51,9 @@ PROCESS_KIND = "process"
 TOKENIZE_CHUNK = 256  # conversations per batched tokenizer call in validate
 # Python refuses to convert longer integer literals (CVE-2020-10735); such a record is reported, not parsed.
 MAX_INT_DIGITS = sys.get_int_max_str_digits() or 4300
+DATASET_SUFFIXES = (".json", ".jsonl")
+UPLOAD_MARKERS = ".uploaded"  # uploads/.uploaded/NAME marks uploads/NAME as sent by a client
+NOT_DATASETS = ("logs",)  # folders of the data dir that hold no datasets (task logs)
 
 Message = dict[str, str]
 
@@ -346,6 +354,9 @@ class DataService:
     def __init__(self, settings: Settings) -> None:
         """Bind to the settings (roots, limits, default model)."""
         self.settings = settings
+        self._summaries: dict[Path, tuple[tuple[int, int], tuple[int, int, Counter[str]]]] = {}
+        self._lock = threading.Lock()
+        self._delete_lock = threading.Lock()
 
     def resolve_input(self, raw: str) -> Path:
         """Resolve a client file path inside the roots and require that it exists."""
@@ -423,36 +434,9 @@ class DataService:
             token_stats=stats,
         )
 
-    def files(self) -> DatasetFileList:
-        """JSON and JSONL files under the data dir, for pickers."""
-        root = self.settings.data_dir
-        found, truncated = list_files(root, (".json", ".jsonl"), limit=500) if root.is_dir() else ([], False)
-        return DatasetFileList(data_dir=str(root), items=[file_entry(p, root) for p in found], truncated=truncated)
-
-    def preview(self, file_path: str, offset: int = 0, limit: int = 20) -> DatasetPreview:
-        """Records `offset` to `offset + limit` of a file, normalised to messages, or with their error."""
-        path = self.resolve_input(file_path)
-        items: list[PreviewRecord] = []
-        has_more = False
-        for i, rec in enumerate(read_records(path)):
-            if i < offset:
-                continue
-            if len(items) == limit:
-                has_more = True
-                break
-            if rec.error is not None:
-                items.append(PreviewRecord(line=rec.line, format=None, messages=None, error=rec.error))
-                continue
-            try:
-                fmt, messages = normalize_record(rec.obj)
-                items.append(PreviewRecord(line=rec.line, format=fmt, messages=messages, error=None))
-            except RecordInvalid as exc:
-                items.append(PreviewRecord(line=rec.line, format=None, messages=None, raw=rec.obj, error=str(exc)))
-        return DatasetPreview(file_path=str(path), offset=offset, items=items, has_more=has_more)
-
     def process(self, req: ProcessRequest) -> ProcessResponse:
         """Normalise valid records to messages JSONL, drop duplicates, and write a seeded split."""
-        path = self.resolve_input(req.input_file)
+        paths = [self.resolve_input(raw) for raw in req.inputs()]
         out_dir = resolve_output(req.output_dir, self.settings.data_dir, self.settings)
         if out_dir.exists() and not out_dir.is_dir():
             raise ConflictError(
@@ -470,7 +454,7 @@ class DataService:
         seen: dict[str, int] = {}
         dropped: list[DuplicateRecord] = []
         kept: list[list[Message]] = []
-        for rec in read_records(path):
+        for rec in (rec for path in paths for rec in read_records(path)):  # merged in order
             total += 1
             if rec.error is not None:
                 invalid += 1
@@ -490,7 +474,7 @@ class DataService:
             kept.append(messages)
         if not kept:
             raise InvalidInputError(
-                f"'{req.input_file}' has no valid records to split; run /api/data/validate to see why.",
+                f"'{', '.join(req.inputs())}' has no valid records to split; run /api/data/validate to see why.",
                 details={"total": total, "invalid": invalid},
             )
         cfg = req.split_config
@@ -511,7 +495,8 @@ class DataService:
             tmp.replace(targets[name])  # atomic: a reader never sees a half-written split
             splits[name] = SplitFile(path=str(targets[name]), count=len(records))
         return ProcessResponse(
-            input_file=str(path),
+            input_file=str(paths[0]),
+            input_files=[str(p) for p in paths],
             output_dir=str(out_dir),
             total=total,
             kept=n,
@@ -556,6 +541,124 @@ class DataService:
                         f"'{target.name}' already exists in {UPLOAD_DIR}/; pass overwrite=true to replace it.",
                         details={"file_path": str(target)},
                     ) from None
+            marker = target.parent / UPLOAD_MARKERS / target.name
+            marker.parent.mkdir(exist_ok=True)
+            marker.touch()  # DELETE removes only files that came this way
         finally:
             tmp.unlink(missing_ok=True)
         return UploadResponse(file_path=str(target), size_bytes=size)
+
+    # -- dataset tools -------------------------------------------------------------------------------------
+
+    def _summary(self, path: Path, stat: os.stat_result) -> tuple[int, int, Counter[str]]:
+        """(records, valid records, formats) of a file, cached until its size or mtime changes."""
+        key = (stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            cached = self._summaries.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        records = valid = 0
+        formats: Counter[str] = Counter()
+        for rec in read_records(path):
+            records += 1
+            if rec.error is None:
+                try:
+                    formats[normalize_record(rec.obj)[0]] += 1
+                    valid += 1
+                except RecordInvalid:
+                    pass
+        with self._lock:
+            self._summaries[path] = (key, (records, valid, formats))
+        return records, valid, formats
+
+    def list_files(self, kind: str | None = None) -> DataFileList:
+        """Uploaded and processed dataset files under the data dir, newest first."""
+        root = self.settings.data_dir
+        items = []
+        for path in root.rglob("*") if root.is_dir() else []:
+            rel = path.relative_to(root)
+            if rel.parts[0] in NOT_DATASETS or any(p.startswith(".") for p in rel.parts):
+                continue  # task logs, and half-written uploads (.name.part) or staging files
+            if path.suffix not in DATASET_SUFFIXES or path.is_symlink() or not path.is_file():
+                continue
+            uploaded = rel.parts[0] == UPLOAD_DIR and len(rel.parts) == 2
+            file_kind = "upload" if uploaded and (path.parent / UPLOAD_MARKERS / path.name).is_file() else "processed"
+            if kind and file_kind != kind:
+                continue
+            try:
+                stat = path.stat()
+                records, valid, formats = self._summary(path, stat)
+            except OSError:
+                continue  # deleted while we looked
+            items.append(
+                DataFile(
+                    file_path=rel.as_posix(),
+                    kind=file_kind,
+                    size_bytes=stat.st_size,
+                    records=records,
+                    valid_records=valid,
+                    format=formats.most_common(1)[0][0] if formats else None,
+                    formats=dict(formats),
+                    modified_at=datetime.fromtimestamp(stat.st_mtime, UTC),
+                )
+            )
+        items.sort(key=lambda f: (f.modified_at, f.file_path), reverse=True)
+        return DataFileList(items=items, total=len(items))
+
+    def preview(self, file_path: str, offset: int, limit: int) -> PreviewResponse:
+        """Records offset..offset+limit of a file, normalised to messages (or with the reason they are unusable)."""
+        path = self.resolve_input(file_path)
+        items: list[PreviewRecord] = []
+        more = False
+        for index, rec in enumerate(read_records(path)):
+            if index < offset:
+                continue
+            if len(items) == limit:
+                more = True
+                break
+            if rec.error is not None:
+                items.append(PreviewRecord(line=rec.line, error=rec.error))
+                continue
+            try:
+                fmt, messages = normalize_record(rec.obj)
+                items.append(PreviewRecord(line=rec.line, format=fmt, messages=messages))
+            except RecordInvalid as exc:
+                items.append(PreviewRecord(line=rec.line, error=str(exc)))
+        return PreviewResponse(
+            file_path=str(path), offset=offset, limit=limit, items=items, next_offset=offset + limit if more else None
+        )
+
+    def delete_upload(self, file_path: str) -> DeleteResponse:
+        """Delete a file the client uploaded (uploads/NAME); nothing else, and each file only once."""
+        uploads = (self.settings.data_dir / UPLOAD_DIR).resolve()
+        raw = file_path.strip()
+        name = raw.removeprefix(f"{UPLOAD_DIR}/")
+        if not name or "/" in name or "\\" in name or name in {".", ".."} or name.startswith("."):
+            raise InvalidInputError(
+                f"'{file_path}' is not an uploaded file: give its name, or uploads/<name>.",
+                details={"file_path": file_path},
+            )
+        target = resolve_client_path(name, uploads, [uploads])
+        with self._delete_lock:  # concurrent deletes of one file: one succeeds, the rest find it gone (404)
+            return self._delete(target, name, file_path, uploads)
+
+    def _delete(self, target: Path, name: str, file_path: str, uploads: Path) -> DeleteResponse:
+        """Remove an upload and its marker (the caller holds the delete lock)."""
+        try:
+            info = target.lstat()
+        except FileNotFoundError:
+            raise NotFoundError(f"No uploaded file '{name}'.", details={"file_path": file_path}) from None
+        marker = uploads / UPLOAD_MARKERS / name
+        if not target.is_file() or target.is_symlink() or not marker.is_file():
+            raise ForbiddenPathError(
+                f"'{name}' was not sent through /api/data/upload; only uploads can be deleted.",
+                details={"file_path": file_path},
+            )
+        try:
+            target.unlink()  # atomic: of concurrent deletes exactly one succeeds, the others see it gone
+        except FileNotFoundError:
+            raise NotFoundError(f"No uploaded file '{name}'.", details={"file_path": file_path}) from None
+        marker.unlink(missing_ok=True)
+        with self._lock:
+            self._summaries.pop(target, None)
+        return DeleteResponse(file_path=f"{UPLOAD_DIR}/{name}", deleted=True, size_bytes=info.st_size)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from entity.export import ArchiveExportRequest, ExportBase, MergedExportRequest, OnnxExportRequest
+from entity.export import ArchiveExportRequest, ExportBase, GgufExportRequest, MergedExportRequest, OnnxExportRequest
 from entity.task import TaskKind, TaskRow, TaskStatus
 from service import models
 from service.jobs import JobRunner
@@ -115,6 +115,25 @@ class ExportService:
             raise ConflictError(f"output_path '{output}' is a folder; an archive is a file.")
         return self._submit("archive", req, model, output, task_id)
 
+    def gguf(self, req: GgufExportRequest) -> TaskRow:
+        """Queue a GGUF export of a Llama-family model (a LoRA output is merged into its base first)."""
+        from service.export_gguf import SUPPORTED_MODEL_TYPES, model_type
+
+        model = models.resolve_model_ref(req.model_ref, self.settings, self.runner.store)
+        models.tokenizer_dir(model)  # 404 now if an adapter's base model is gone
+        kind = model_type(model)
+        if kind not in SUPPORTED_MODEL_TYPES:
+            raise InvalidInputError(
+                f"GGUF export supports Llama-family models ({', '.join(SUPPORTED_MODEL_TYPES)}); this one is "
+                f"'{kind or 'unknown'}'.",
+                details={"model": req.model_ref, "model_type": kind},
+            )
+        task_id = self.runner.store.new_id()
+        output = self._output(req.output_path, f"exports/{task_id}-gguf", req.overwrite)
+        if output.is_file():
+            raise ConflictError(f"output_path '{output}' is a file; a GGUF export writes a folder.")
+        return self._submit("gguf", req, model, output, task_id)
+
     def download_path(self, task_id: str) -> Path:
         """The archive of a succeeded archive export, for download."""
         task = self.runner.store.get(task_id)
@@ -136,7 +155,9 @@ class ExportService:
 
 def run_export(settings: Settings, store: TaskStore, task_id: str, request: dict[str, Any]) -> dict[str, Any]:
     """Run one export task and return its verified report."""
-    handlers = {"onnx": export_onnx, "merged": export_merged, "archive": export_archive}
+    from service.export_gguf import export_gguf
+
+    handlers = {"onnx": export_onnx, "merged": export_merged, "archive": export_archive, "gguf": export_gguf}
     fmt = request["format"]
     resolved = request["resolved"]
     model_path, output = Path(resolved["model_path"]), Path(resolved["output_path"])

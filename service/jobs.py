@@ -14,6 +14,7 @@ from pathlib import Path
 from entity.task import TaskKind, TaskRow, TaskStatus
 from service import models
 from service.tasks import TaskStore
+from service.train.checkpoints import latest_checkpoint
 from service.worker import SETTINGS_ENV
 from util.errors import ConflictError
 from util.settings import PROJECT_ROOT, Settings
@@ -179,7 +180,7 @@ class JobRunner:
             jobs = list(self._running.values())
         for job in jobs:
             # Mark first, so the worker's own report of the SIGTERM does not win the race.
-            self.store.move(job.task_id, TaskStatus.failed, (TaskStatus.running,), SHUTDOWN_ERROR, error=SHUTDOWN_ERROR)
+            self.interrupted(self.store.get(job.task_id), SHUTDOWN_ERROR)
             self._kill(job)
         with self._lock:
             self._running.clear()
@@ -218,7 +219,30 @@ class JobRunner:
                 started = process_start(task.pid)
                 self._running[task.id] = RunningJob(task.id, task.pid, self.log_path(task.id), None, cost, started)
                 continue
-            self.store.move(task.id, TaskStatus.failed, (TaskStatus.running,), RESTART_ERROR, error=RESTART_ERROR)
+            self.interrupted(task, RESTART_ERROR)
+
+    def interrupted(self, task: TaskRow, reason: str) -> None:
+        """A running task lost its worker to a restart or shutdown: re-queue a train task to resume, else fail it.
+
+        A train task resumes from its newest checkpoint, at most train.max_resumes times; without a checkpoint,
+        or past that count, it fails with `reason`.
+        """
+        limit = self.settings.train.max_resumes
+        resolved = task.request.get("resolved") or {}
+        is_train = task.kind == TaskKind.train and task.output_dir
+        checkpoint = latest_checkpoint(Path(task.output_dir or "")) if is_train else None
+        count = int(resolved.get("resume_count") or 0)
+        if checkpoint is not None and count < limit:
+            # The explicit checkpoint of the original request is spent: the resume takes the newest one.
+            resolved = {**resolved, "resume_count": count + 1, "resume_from_checkpoint": None}
+            message = f"{reason}; re-queued to resume from {checkpoint.name} (resume {count + 1} of {limit})"
+            request = {**task.request, "resolved": resolved}
+            if self.store.move(task.id, TaskStatus.queued, (TaskStatus.running,), message, request=request, pid=None):
+                self._wake.set()
+                return
+        if checkpoint is not None and limit:
+            reason = f"{reason}; gave up after {count} resumes (train.max_resumes is {limit})"
+        self.store.move(task.id, TaskStatus.failed, (TaskStatus.running,), reason, error=reason)
 
     # -- public API ------------------------------------------------------------------------
     def submit(

@@ -33,6 +33,7 @@ PROGRESS_FIELDS = {
     "learning_rate",
     "tokens_per_second",
     "eta_seconds",
+    "metrics",  # a train task's data statistics, known before its first step
 }
 
 

@@ -73,17 +73,17 @@ def test_dataset_files_and_preview(client, settings):
     write_jsonl(settings.data_dir / "uploads" / "mix.jsonl", [GOOD, "{not json", {"foo": 1}, ALPACA])
     (settings.data_dir / "uploads" / "notes.txt").write_text("x")
     listed = client.get("/api/data/files").json()
-    assert [f["path"] for f in listed["items"]] == ["uploads/mix.jsonl"]
+    assert [f["file_path"] for f in listed["items"]] == ["uploads/mix.jsonl"]
     r = client.get("/api/data/preview", params={"file_path": "uploads/mix.jsonl", "limit": 3})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["has_more"] is True
+    assert body["next_offset"] == 3
     first, bad_json, bad_shape = body["items"]
     assert (first["line"], first["format"], first["messages"][1]["content"]) == (1, "messages", "4")
     assert bad_json["line"] == 2 and bad_json["error"].startswith("bad JSON")
-    assert bad_shape["line"] == 3 and bad_shape["error"] and bad_shape["raw"] == {"foo": 1}
+    assert bad_shape["line"] == 3 and bad_shape["error"]
     rest = client.get("/api/data/preview", params={"file_path": "uploads/mix.jsonl", "offset": 3}).json()
-    assert [i["format"] for i in rest["items"]] == ["alpaca"] and rest["has_more"] is False
+    assert [i["format"] for i in rest["items"]] == ["alpaca"] and rest["next_offset"] is None
 
 
 def test_dataset_preview_errors(client):

@@ -64,6 +64,7 @@ class TrainSettings(BaseModel):
     report_to: Tracker | list[Tracker] = "tensorboard"
     mlflow_tracking_uri: str | None = None
     experiment_name: str = "win-train"
+    max_resumes: int = Field(3, ge=0)
 
 
 class DataSettings(BaseModel):

@@ -197,7 +197,7 @@ $("#key-clear").addEventListener("click", () => WT.setKey(""));
 
 async function fillDatasetList(datalist) {
   const files = await WT.api("/api/data/files");
-  datalist.replaceChildren(...files.items.map((f) => el("option", { value: f.path })));
+  datalist.replaceChildren(...files.items.map((f) => el("option", { value: f.file_path })));
 }
 
 async function modelIds() {
@@ -430,13 +430,13 @@ const preview = { file: null, offset: 0, limit: 20 };
 async function refreshDatasetFiles() {
   const files = await WT.api("/api/data/files");
   $("#dataset-files tbody").replaceChildren(...files.items.map((f) => el("tr", {},
-    el("td", {}, el("code", { text: f.path })),
+    el("td", {}, el("code", { text: f.file_path })),
     el("td", { text: fmtBytes(f.size_bytes) }),
     el("td", {},
-      el("button", { type: "button", text: "Validate", onclick: () => validateFile(f.path) }), " ",
-      el("button", { type: "button", text: "Preview", onclick: () => showPreview(f.path, 0) }), " ",
-      el("button", { type: "button", text: "Process", onclick: () => useForProcess(f.path) }), " ",
-      el("a", { href: `${ROOT}/ui?dataset=${encodeURIComponent(f.path)}`, text: "Train" })),
+      el("button", { type: "button", text: "Validate", onclick: () => validateFile(f.file_path) }), " ",
+      el("button", { type: "button", text: "Preview", onclick: () => showPreview(f.file_path, 0) }), " ",
+      el("button", { type: "button", text: "Process", onclick: () => useForProcess(f.file_path) }), " ",
+      el("a", { href: `${ROOT}/ui?dataset=${encodeURIComponent(f.file_path)}`, text: "Train" })),
   )));
 }
 
@@ -483,7 +483,7 @@ async function showPreview(path, offset) {
   $("#preview-file").textContent = path;
   $("#preview-range").textContent = p.items.length ? `records ${offset + 1}–${offset + p.items.length}` : "no records";
   $("#preview-prev").disabled = offset === 0;
-  $("#preview-next").disabled = !p.has_more;
+  $("#preview-next").disabled = p.next_offset === null;
   $("#preview-table tbody").replaceChildren(...p.items.map((r) => el("tr", { class: r.error ? "bad" : "" },
     el("td", { text: r.line }),
     el("td", { text: r.format || "invalid" }),
