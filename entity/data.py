@@ -1,5 +1,7 @@
 """Request and response schemas of the data API."""
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -44,6 +46,9 @@ class ValidateResponse(BaseModel):
     errors: list[RecordError]
     errors_truncated: bool
     token_stats: LengthStats | None
+    kind: Literal["chat", "preference"] | None = Field(
+        None, description="chat (SFT) or preference (DPO) records; set by the file's first valid record."
+    )
 
 
 class SplitConfig(BaseModel):

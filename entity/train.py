@@ -4,6 +4,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+DpoLoss = Literal[
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "apo_zero", "apo_down"
+]
+
 
 class LoraConfigIn(BaseModel):
     """PEFT LoRA hyperparameters."""
@@ -66,7 +70,13 @@ class TrainConfig(BaseModel):
         None, ge=1, le=64, description="Processes (one per GPU) for this task; default train.num_gpus of the config."
     )
     distributed: Literal["ddp", "fsdp"] | None = Field(None, description="Default train.distributed of the config.")
-    lora_config: LoraConfigIn | None = None
+    lora_config: LoraConfigIn | None = Field(
+        None, description="LoRA settings (lora strategy: defaults when left out; dpo: LoRA when given, else full)."
+    )
+    beta: float | None = Field(
+        None, gt=0, le=100, description="dpo only: how far the policy may move from the reference (default 0.1)."
+    )
+    loss_type: DpoLoss | None = Field(None, description="dpo only: TRL's DPO loss (default sigmoid, the paper's).")
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
@@ -81,7 +91,11 @@ class TrainRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: str = Field(..., description="A registered strategy: 'trl' (full SFT) or 'lora'.", examples=["lora"])
+    strategy: str = Field(
+        ...,
+        description="A registered strategy: 'trl' (full SFT), 'lora', or 'dpo' (preference data).",
+        examples=["lora"],
+    )
     dataset_path: str
     output_dir: str | None = Field(None, description="Relative to the model dir; default outputs/<task_id>.")
     overwrite: bool = Field(False, description="Allow writing into a non-empty output_dir.")

@@ -34,6 +34,7 @@ SPLIT_NAMES = ("train", "val", "test")
 UPLOAD_DIR = "uploads"
 
 Message = dict[str, str]
+Preference = dict[str, list[Message]]  # {"prompt": [...], "chosen": [...], "rejected": [...]}
 
 
 class RecordInvalid(ValueError):
@@ -164,6 +165,81 @@ def normalize_record(obj: Any) -> tuple[str, list[Message]]:
     return fmt, messages
 
 
+def _turns_or_text(value: Any, role: str, what: str) -> list[Message]:
+    """A preference field as messages: a string becomes one `role` message, a list is read as turns."""
+    if isinstance(value, str):
+        return [{"role": role, "content": _content(value, 0)}]
+    try:
+        return _messages_from_turns(value, "role", "content")
+    except RecordInvalid as exc:
+        raise RecordInvalid(f"{what}: {exc}") from None
+
+
+def is_preference_record(obj: Any) -> bool:
+    """Whether a record is preference data (OpenAI's DPO JSONL or TRL's prompt/chosen/rejected), not chat."""
+    return isinstance(obj, dict) and (
+        "preferred_output" in obj or "non_preferred_output" in obj or ("chosen" in obj and "rejected" in obj)
+    )
+
+
+def normalize_preference(obj: Any) -> tuple[str, Preference]:
+    """Detect a preference record's format and return (format, {prompt, chosen, rejected} as messages).
+
+    OpenAI's DPO format is `input.messages` + `preferred_output` + `non_preferred_output`; TRL's is
+    `prompt` / `chosen` / `rejected`, each a string (a user prompt, an assistant answer) or a list of messages.
+    """
+    if not isinstance(obj, dict):
+        raise RecordInvalid("record is not a JSON object")
+    if "preferred_output" in obj or "non_preferred_output" in obj:
+        fmt = "openai_dpo"
+        inp = obj.get("input")
+        if not isinstance(inp, dict) or "messages" not in inp:
+            raise RecordInvalid("'input' must be an object with a 'messages' list")
+        missing = [k for k in ("preferred_output", "non_preferred_output") if k not in obj]
+        if missing:
+            raise RecordInvalid(f"missing {' and '.join(repr(k) for k in missing)}")
+        prompt = _turns_or_text(inp["messages"], "user", "input.messages")
+        chosen = _turns_or_text(obj["preferred_output"], "assistant", "preferred_output")
+        rejected = _turns_or_text(obj["non_preferred_output"], "assistant", "non_preferred_output")
+    elif all(k in obj for k in ("prompt", "chosen", "rejected")):
+        fmt = "preference"
+        prompt = _turns_or_text(obj["prompt"], "user", "prompt")
+        chosen = _turns_or_text(obj["chosen"], "assistant", "chosen")
+        rejected = _turns_or_text(obj["rejected"], "assistant", "rejected")
+    else:
+        raise RecordInvalid("preference record needs 'prompt', 'chosen' and 'rejected'")
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if any(m["role"] != "assistant" for m in answer):
+            raise RecordInvalid(f"{name}: every message must be an assistant message")
+    if prompt[-1]["role"] != "user":
+        raise RecordInvalid("the prompt must end with a user turn")
+    check_conversation(prompt + chosen[:1])
+    if chosen == rejected:
+        raise RecordInvalid("chosen and rejected answers are identical")
+    return fmt, {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def normalize_any(obj: Any) -> tuple[str, str, Any]:
+    """(kind, format, normalised record) of a chat or preference record; kind is 'chat' or 'preference'."""
+    if is_preference_record(obj):
+        fmt, pref = normalize_preference(obj)
+        return "preference", fmt, pref
+    fmt, messages = normalize_record(obj)
+    return "chat", fmt, messages
+
+
+def load_preferences(path: Path) -> list[Preference]:
+    """All valid preference records of a file, as prompt/chosen/rejected messages (invalid ones skipped)."""
+    result = []
+    for rec in read_records(path):
+        if rec.error is None and is_preference_record(rec.obj):
+            try:
+                result.append(normalize_preference(rec.obj)[1])
+            except RecordInvalid:
+                continue
+    return result
+
+
 def load_conversations(path: Path) -> list[list[Message]]:
     """All valid conversations of a file, normalised (invalid records are skipped)."""
     result = []
@@ -202,6 +278,15 @@ def length_stats(lengths: list[int], max_length: int) -> LengthStats | None:
     )
 
 
+def _same_kind(kind: str | None, found: str, fmt: str, record: Any, records: list[Any], formats: Counter[str]) -> str:
+    """Keep a record of the file's kind (set by its first valid record); a record of the other kind is invalid."""
+    if kind is not None and found != kind:
+        raise RecordInvalid(f"a {found} record in a {kind} file: one file holds chat or preference records, not both")
+    formats[fmt] += 1
+    records.append(record)
+    return found
+
+
 class DataService:
     """Validate, process and store chat datasets inside the configured roots."""
 
@@ -225,15 +310,14 @@ class DataService:
         errors: list[RecordError] = []
         invalid = 0
         total = 0
-        conversations: list[list[Message]] = []
+        kind: str | None = None
+        records: list[Any] = []
         for rec in read_records(path):
             total += 1
             reason = rec.error
             if reason is None:
                 try:
-                    fmt, messages = normalize_record(rec.obj)
-                    formats[fmt] += 1
-                    conversations.append(messages)
+                    kind = _same_kind(kind, *normalize_any(rec.obj), records, formats)
                     continue
                 except RecordInvalid as exc:
                     reason = str(exc)
@@ -241,9 +325,15 @@ class DataService:
             if len(errors) < limit:
                 errors.append(RecordError(line=rec.line, reason=reason))
         stats = None
-        if conversations:
+        if records:
             tokenizer = models.load_tokenizer(models.tokenizer_dir(models.resolve_model(model, self.settings)))
-            lengths = [len(models.chat_token_ids(tokenizer, conv)) for conv in conversations]
+            if kind == "preference":
+                lengths = [
+                    max(len(models.chat_token_ids(tokenizer, p["prompt"] + p[side])) for side in ("chosen", "rejected"))
+                    for p in records
+                ]
+            else:
+                lengths = [len(models.chat_token_ids(tokenizer, conv)) for conv in records]
             stats = length_stats(lengths, max_length)
         return ValidateResponse(
             file_path=str(path),
@@ -255,6 +345,7 @@ class DataService:
             errors=errors,
             errors_truncated=invalid > len(errors),
             token_stats=stats,
+            kind=kind,
         )
 
     def process(self, req: ProcessRequest) -> ProcessResponse:
@@ -274,23 +365,27 @@ class DataService:
             )
         total = invalid = duplicates = 0
         seen: set[str] = set()
-        kept: list[list[Message]] = []
+        kept: list[Any] = []
+        kind: str | None = None
         for rec in read_records(path):
             total += 1
             if rec.error is not None:
                 invalid += 1
                 continue
             try:
-                _, messages = normalize_record(rec.obj)
+                found, _, record = normalize_any(rec.obj)
+                if kind is not None and found != kind:
+                    raise RecordInvalid("mixed kinds")
             except RecordInvalid:
                 invalid += 1
                 continue
-            key = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+            kind = found
+            key = json.dumps(record, ensure_ascii=False, sort_keys=True)
             if key in seen:
                 duplicates += 1
                 continue
             seen.add(key)
-            kept.append(messages)
+            kept.append(record)
         if not kept:
             raise InvalidInputError(
                 f"'{req.input_file}' has no valid records to split; run /api/data/validate to see why.",
@@ -308,8 +403,10 @@ class DataService:
         for name, records in parts.items():
             tmp = targets[name].with_suffix(".jsonl.tmp")
             with tmp.open("w", encoding="utf-8") as fh:
-                for messages in records:
-                    fh.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+                for record in records:
+                    # Chat records become {"messages": [...]}; preference records TRL's prompt/chosen/rejected.
+                    row = record if kind == "preference" else {"messages": record}
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             tmp.replace(targets[name])  # atomic: a reader never sees a half-written split
             splits[name] = SplitFile(path=str(targets[name]), count=len(records))
         return ProcessResponse(

@@ -11,8 +11,8 @@ from entity.train import TrainConfig, TrainRequest
 from service import models
 from service.data import load_conversations
 from service.tasks import TaskStore
-from service.train import attention
-from service.train.callbacks import StoreProgressCallback, finite
+from service.train import attention, pause
+from service.train.callbacks import PauseCallback, StoreProgressCallback, finite
 from service.train.fused_lora import fuse_lora_layers
 from service.train.strategies import STRATEGIES
 from util.settings import Settings
@@ -65,25 +65,22 @@ def distributed_args(distributed: str, device: str) -> dict[str, Any]:
     return {"ddp_backend": "nccl" if device == "cuda" else "gloo", "ddp_find_unused_parameters": False}
 
 
-def build_sft_config(
+def common_args(
     settings: Settings,
     cfg: TrainConfig,
     output_dir: Path,
     has_eval: bool,
     dtype: str,
-    packing: bool,
     distributed: dict[str, Any] | None = None,
-) -> Any:
-    """Translate the request into TRL's SFTConfig."""
-    from trl import SFTConfig
-
+) -> dict[str, Any]:
+    """The TrainingArguments every strategy's config shares (SFTConfig and DPOConfig both extend them)."""
     save_steps = cfg.save_steps or settings.train.save_steps
     length: dict[str, Any] = {"max_steps": cfg.max_steps} if cfg.max_steps else {}
     length["num_train_epochs"] = cfg.num_train_epochs or 1.0
     eval_args: dict[str, Any] = {"eval_strategy": "no"}
     if has_eval:
         eval_args = {"eval_strategy": "steps", "eval_steps": cfg.eval_steps or min(save_steps, 50)}
-    return SFTConfig(
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_train_batch_size,
@@ -101,10 +98,6 @@ def build_sft_config(
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         gradient_checkpointing=cfg.gradient_checkpointing,
-        # Packing: best-fit-decreasing rows of max_length tokens, flattened without padding; the collator restarts
-        # position ids per example and masks the first label of each, so no example attends to or predicts another.
-        packing=packing,
-        padding_free=packing,
         use_liger_kernel=models.liger_available() if cfg.use_liger_kernel is None else cfg.use_liger_kernel,
         torch_compile=cfg.torch_compile,
         include_num_input_tokens_seen="non_padding",
@@ -114,6 +107,27 @@ def build_sft_config(
         **length,
         **eval_args,
         **(distributed or {}),
+    )
+
+
+def build_sft_config(
+    settings: Settings,
+    cfg: TrainConfig,
+    output_dir: Path,
+    has_eval: bool,
+    dtype: str,
+    packing: bool,
+    distributed: dict[str, Any] | None = None,
+) -> Any:
+    """Translate the request into TRL's SFTConfig."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **common_args(settings, cfg, output_dir, has_eval, dtype, distributed),
+        # Packing: best-fit-decreasing rows of max_length tokens, flattened without padding; the collator restarts
+        # position ids per example and masks the first label of each, so no example attends to or predicts another.
+        packing=packing,
+        padding_free=packing,
     )
 
 
@@ -133,9 +147,7 @@ class BuiltTrainer:
 
 
 def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, request: dict[str, Any]) -> BuiltTrainer:
-    """The SFTTrainer a train task runs (no store: no progress reporting, as in tests and benches)."""
-    from trl import SFTTrainer
-
+    """The trainer a train task runs (no store: no progress reporting, as in tests and benches)."""
     req = TrainRequest.model_validate(request["train"])
     resolved = request["resolved"]
     output_dir = Path(resolved["output_dir"])
@@ -147,7 +159,7 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
         import torch
 
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    packing = packing_for(settings, req.config, device)
+    packing = strategy.supports_packing and packing_for(settings, req.config, device)
     attn = attention_for(req.config, packing, device)
     _event(
         store,
@@ -165,19 +177,21 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
         )
 
     tokenizer = models.load_tokenizer(models.tokenizer_dir(model_path))
-    train_ds = build_dataset(Path(resolved["dataset_path"]), tokenizer, req.config.assistant_only_loss)
+    train_ds = strategy.build_dataset(Path(resolved["dataset_path"]), tokenizer, req.config)
     eval_ds = None
     if resolved.get("eval_dataset_path"):
-        eval_ds = build_dataset(Path(resolved["eval_dataset_path"]), tokenizer, req.config.assistant_only_loss)
+        eval_ds = strategy.build_dataset(Path(resolved["eval_dataset_path"]), tokenizer, req.config)
     _event(store, task_id, f"dataset: {len(train_ds)} train records" + (f", {len(eval_ds)} eval" if eval_ds else ""))
 
     model = strategy.load_model(model_path, dtype, device, attn)
     # An adapter given as the model is already a trainable PeftModel: no second adapter on top.
     peft_config = None if hasattr(model, "peft_config") else strategy.peft_config(req.config)
     dist = distributed_args(resolved.get("distributed") or "ddp", device)
-    args = build_sft_config(settings, req.config, output_dir, eval_ds is not None, dtype, packing, dist)
-    callbacks = [StoreProgressCallback(store, task_id, output_dir / "trainer_log.jsonl")] if store else []
-    trainer = SFTTrainer(
+    args = strategy.training_args(settings, req.config, output_dir, eval_ds is not None, dtype, packing, dist)
+    callbacks: list[Any] = [PauseCallback()]
+    if store:
+        callbacks.append(StoreProgressCallback(store, task_id, output_dir / "trainer_log.jsonl"))
+    trainer = strategy.trainer_class()(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -205,7 +219,14 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
     if is_adapter:
         trainable, total = trainer.model.get_nb_trainable_parameters()
         _event(store, task_id, f"trainable parameters: {trainable:,} of {total:,}")
-    result = trainer.train()
+    resume = (request.get("resolved") or {}).get("resume_from_checkpoint")
+    if resume:
+        _event(store, task_id, f"resuming from {Path(resume).name}")
+    result = trainer.train(resume_from_checkpoint=resume)
+    if pause.requested():
+        # The pause callback stopped at a step end and the trainer saved a checkpoint there; resume continues it.
+        _event(store, task_id, f"paused at step {trainer.state.global_step}; checkpoint saved")
+        return {"paused": True, "global_step": trainer.state.global_step}
     trainer.save_model(str(output_dir))  # every rank takes part (FSDP gathers shards); rank 0 writes
     # Evaluation is collective under torchrun: every rank runs it before rank 0 alone writes the rest.
     eval_metrics = numeric_metrics(trainer.evaluate()) if eval_ds is not None else {}

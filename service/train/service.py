@@ -6,7 +6,7 @@ from typing import Any
 from entity.task import TaskKind, TaskRow
 from entity.train import TrainRequest
 from service import models
-from service.data import load_conversations
+from service.data import load_conversations, load_preferences
 from service.jobs import JobRunner
 from service.train import attention
 from service.train.strategies import STRATEGIES
@@ -46,14 +46,16 @@ class TrainService:
         self.settings = settings
         self.runner = runner
 
-    def _dataset(self, raw: str, field: str) -> Path:
-        """Resolve a dataset path and require at least one valid conversation in it."""
+    def _dataset(self, raw: str, field: str, kind: str = "chat") -> Path:
+        """Resolve a dataset path and require at least one valid record of the strategy's kind in it."""
         path = resolve_client_path(raw, self.settings.data_dir, self.settings.roots)
         if not path.is_file():
             raise NotFoundError(f"{field} '{raw}' does not exist.", details={field: raw})
-        if not load_conversations(path):
+        found = load_preferences(path) if kind == "preference" else load_conversations(path)
+        if not found:
+            what = "preference records (prompt/chosen/rejected)" if kind == "preference" else "conversations"
             raise InvalidInputError(
-                f"{field} '{raw}' has no valid conversations; run /api/data/validate to see why.",
+                f"{field} '{raw}' has no valid {what}; run /api/data/validate to see why.",
                 details={field: raw},
             )
         return path
@@ -90,8 +92,8 @@ class TrainService:
             )
         return wanted
 
-    def start(self, req: TrainRequest) -> TaskRow:
-        """Check everything that can be checked now, then queue the training task."""
+    def start(self, req: TrainRequest, extra: dict[str, Any] | None = None) -> TaskRow:
+        """Check everything that can be checked now, then queue the training task (extra: more request keys)."""
         if req.strategy not in STRATEGIES:
             raise InvalidInputError(
                 f"Unknown strategy '{req.strategy}'; choose one of {sorted(STRATEGIES)}.",
@@ -107,11 +109,19 @@ class TrainService:
             raise InvalidInputError(
                 'attn_implementation "varlen" needs packing and a CUDA GPU; leave it "auto" to use it where it can run.'
             )
-        dataset = self._dataset(req.dataset_path, "dataset_path")
+        strategy = STRATEGIES[req.strategy]
+        dpo_fields = [f for f in ("beta", "loss_type") if getattr(req.config, f) is not None]
+        if dpo_fields and strategy.data_kind != "preference":
+            raise InvalidInputError(
+                f"{' and '.join(dpo_fields)} apply to the dpo strategy only.", details={"strategy": req.strategy}
+            )
+        if packing and not strategy.supports_packing:
+            raise InvalidInputError(f"The {req.strategy} strategy does not pack examples; leave packing unset.")
+        dataset = self._dataset(req.dataset_path, "dataset_path", strategy.data_kind)
         eval_dataset = None
         if req.config.eval_dataset_path:
-            eval_dataset = self._dataset(req.config.eval_dataset_path, "eval_dataset_path")
-        model_path = models.resolve_model(req.config.model_path, self.settings)
+            eval_dataset = self._dataset(req.config.eval_dataset_path, "eval_dataset_path", strategy.data_kind)
+        model_path = models.resolve_model_ref(req.config.model_path, self.settings, self.runner.store)
         task_id = self.runner.store.new_id()
         output_dir = self._output_dir(req.output_dir, task_id, req.overwrite)
         distributed = req.config.distributed or self.settings.train.distributed
@@ -119,4 +129,5 @@ class TrainService:
         if distributed == "fsdp" and processes > 1 and not models.gpu_count():
             raise InvalidInputError('FSDP needs CUDA GPUs; on CPU use "distributed": "ddp".')
         request = task_request(req, dataset, eval_dataset, model_path, output_dir, processes, distributed)
+        request.update(extra or {})
         return self.runner.submit(TaskKind.train, request, str(output_dir), task_id)
