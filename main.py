@@ -13,13 +13,15 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from controller import data, export, health, inference, openai_api, runs, train
+from controller import data, export, fine_tuning, health, inference, openai_api, runs, train
 from controller import eval as eval_routes
 from controller.auth import key_digests, require_api_key
 from controller.errors import install_error_handlers
 from service.data import DataService
 from service.eval import EvalService
 from service.export import ExportService
+from service.fine_tuning.files import FileService
+from service.fine_tuning.jobs import FineTuningService
 from service.inference import InferenceService
 from service.jobs import JobRunner
 from service.models import ModelCache, device_info
@@ -53,6 +55,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.run_service = RunService(settings, store)
         app.state.model_cache = ModelCache(settings.inference.cache_size)
         app.state.inference_service = InferenceService(settings, store, app.state.model_cache)
+        app.state.file_service = FileService(settings, store, app.state.data_service)
+        app.state.fine_tuning_service = FineTuningService(app.state.train_service, runner, app.state.file_service)
         app.state.device = device_info()
         app.state.started = time.monotonic()
         runner.start()
@@ -74,7 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(health.router)  # /health (like /docs) stays open
-    for module in (data, train, inference, openai_api, runs, export, eval_routes):
+    for module in (data, train, inference, openai_api, fine_tuning, runs, export, eval_routes):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
     return app
 

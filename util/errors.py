@@ -61,3 +61,23 @@ def validation_message(errors: Sequence[Any]) -> str:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
         parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     return "; ".join(parts) or "invalid request"
+
+
+class BadRequestError(AppError):
+    """A request the OpenAI-compatible API refuses with 400, naming the parameter (OpenAI's `param`)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, details: Any = None) -> None:
+        """Store the message, the offending parameter and a machine-readable code."""
+        super().__init__(message, details)
+        self.param = param
+        self.code = code
+
+
+class PermissionDeniedError(AppError):
+    """An action the caller may not take on this object (e.g. deleting a base model)."""
+
+    status_code = 403
+    error_type = "permission_error"
