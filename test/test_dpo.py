@@ -70,9 +70,9 @@ def test_process_splits_preferences_in_trl_format(client, settings, prefs):
     assert again["valid"] and again["formats"] == {"preference": 12}
 
 
-@pytest.mark.parametrize("lora", [True, False])
-def test_dpo_strategy_trains_and_output_is_served(client, prefs, lora):
-    config = {**DPO_CONFIG, **({"lora_config": {"r": 8, "lora_alpha": 16}} if lora else {"learning_rate": 1e-3})}
+def test_dpo_strategy_trains_full_weights_and_output_is_served(client, settings, prefs):
+    """Full-weight DPO from /api/train/start (the /v1 job test covers LoRA DPO)."""
+    config = {**DPO_CONFIG, "learning_rate": 1e-3}
     r = client.post("/api/train/start", json={"strategy": "dpo", "dataset_path": prefs, "config": config})
     assert r.status_code == 202, r.text
     task = wait_for(client, r.json()["task_id"], {"succeeded", "failed", "cancelled"})
@@ -87,6 +87,9 @@ def test_dpo_strategy_trains_and_output_is_served(client, prefs, lora):
         json={"model": task["id"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
     )
     assert chat.status_code == 200, chat.text
+    out = settings.model_dir / "outputs" / task["id"]
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert json.loads((out / "training_args.json").read_text())["strategy"] == "dpo"
 
 
 @pytest.mark.parametrize(

@@ -203,6 +203,8 @@ def test_pause_saves_a_checkpoint_and_resume_continues(oai):
         return [e.data["step"] for e in events if e.type == "metrics"]
 
     poll(trained_steps, lambda steps: len(steps) >= 2)
+    running = oai.fine_tuning.jobs.retrieve(job.id)
+    assert running.status == "running" and running.estimated_finish >= running.created_at
     paused = oai.fine_tuning.jobs.pause(job.id)
     assert paused.status == "paused"
     checkpoints = poll(lambda: oai.fine_tuning.jobs.checkpoints.list(job.id).data, lambda c: len(c) == 1)

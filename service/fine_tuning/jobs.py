@@ -242,7 +242,8 @@ class FineTuningService:
                 row = rows.setdefault(int(data.get("step") or 0), {"step": int(data.get("step") or 0)})
                 if "train_mean_token_accuracy" in data:
                     data["train_accuracy"] = data["train_mean_token_accuracy"]
-                row.update({k: v for k, v in data.items() if isinstance(v, (int, float)) and k != "total_steps"})
+                skip = {"total_steps", "loss", "mean_token_accuracy", "eval_loss", "eval_mean_token_accuracy"}
+                row.update({k: v for k, v in data.items() if isinstance(v, (int, float)) and k not in skip})
         return [rows[k] for k in sorted(rows)]
 
     def page(
