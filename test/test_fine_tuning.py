@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from conftest import PROJECT_ROOT, SAMPLE, TINY_NAME, start_server, stop_server
+from entity.task import TaskKind, TaskStatus
 
 KEY = "sk-test-fine-tuning"
 PREFS = PROJECT_ROOT / "test" / "data" / "preference_sample.jsonl"
@@ -255,7 +256,10 @@ def test_eight_concurrent_jobs_queue_behind_one_slot_and_cancel(oai):
 
     queued = next(i for i in reversed(ids) if oai.fine_tuning.jobs.retrieve(i).status == "queued")
     assert oai.fine_tuning.jobs.pause(queued).status == "paused"
-    assert oai.fine_tuning.jobs.resume(queued).status == "queued"
+    with ThreadPoolExecutor(8) as pool:
+        resumed = list(pool.map(lambda _: _try_resume(oai, queued), range(8)))
+    assert sum(r is not None for r in resumed) == 1  # one resume wins; the others get 409
+    assert oai.fine_tuning.jobs.retrieve(queued).status in ("queued", "running")
     with ThreadPoolExecutor(8) as pool:
         cancelled = list(pool.map(oai.fine_tuning.jobs.cancel, ids))
     assert {j.status for j in cancelled} == {"cancelled"}
@@ -293,3 +297,19 @@ def test_bad_job_requests(oai, body, error, text):
     assert text in err.value.message
     with pytest.raises(openai.NotFoundError):
         oai.fine_tuning.jobs.retrieve("ftjob-nope")
+
+
+def test_failed_job_carries_its_error(client):
+    """A failed train task shows as a failed job with error.code/message (store-level: no need to crash a run)."""
+    store = client.app.state.store
+    meta = {"base": TINY_NAME, "model": TINY_NAME, "suffix": None, "training_file": "file-x", "seed": 1}
+    meta.update(method="supervised", hyperparameters={"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1})
+    task = store.create(TaskKind.train, {"openai": meta, "resolved": {}})
+    store.transition(task.id, TaskStatus.running, (TaskStatus.queued,))
+    store.move(task.id, TaskStatus.failed, (TaskStatus.running,), error="RuntimeError: out of memory\n  traceback...")
+    job = client.get(f"/v1/fine_tuning/jobs/ftjob-{task.id}").json()
+    assert job["status"] == "failed" and job["fine_tuned_model"] is None and job["result_files"] == []
+    assert job["error"] == {"code": "training_failed", "message": "RuntimeError: out of memory", "param": None}
+    assert job["finished_at"] is not None
+    r = client.post(f"/v1/fine_tuning/jobs/ftjob-{task.id}/pause")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
