@@ -10,9 +10,11 @@ from typing import Any
 
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
-from conftest import PROJECT_ROOT, SAMPLE, TINY_NAME, start_server, stop_server
+from conftest import PROJECT_ROOT, SAMPLE, TINY_NAME, make_settings, start_server, stop_server
 from entity.task import TaskKind, TaskStatus
+from main import create_app
 
 KEY = "sk-test-fine-tuning"
 PREFS = PROJECT_ROOT / "test" / "data" / "preference_sample.jsonl"
@@ -313,3 +315,22 @@ def test_failed_job_carries_its_error(client):
     assert job["finished_at"] is not None
     r = client.post(f"/v1/fine_tuning/jobs/ftjob-{task.id}/pause")
     assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
+
+
+def test_upload_limit_holds_for_eight_at_once(tmp_path, tiny_model_root):
+    """Eight concurrent uploads over data.max_upload_mb: each gets 400 and nothing is stored."""
+    settings = make_settings(tmp_path, tiny_model_root)
+    settings = settings.model_copy(update={"data": settings.data.model_copy(update={"max_upload_mb": 1})})
+    big = jsonl(CHAT_RECORDS * 200)
+    assert len(big) > 1024 * 1024
+    with TestClient(create_app(settings)) as client:
+
+        def post(i: int) -> Any:
+            return client.post("/v1/files", files={"file": (f"big{i}.jsonl", big)}, data={"purpose": "fine-tune"})
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, range(8)))
+        assert [a.status_code for a in answers] == [400] * 8
+        assert all("1 MB upload limit" in a.json()["error"]["message"] for a in answers)
+        assert client.get("/v1/files").json()["data"] == []
+    assert not any((settings.data_dir / "files").iterdir())

@@ -26,7 +26,7 @@ from entity.task import EventRow, TaskKind, TaskRow, TaskStatus
 from entity.train import LoraConfigIn, TrainConfig, TrainRequest
 from service import models
 from service.fine_tuning.files import FileService
-from service.jobs import JobRunner, is_worker_of, task_processes
+from service.jobs import JobRunner, is_worker_of, task_processes, terminate_group
 from service.train.pause import PAUSE_SIGNAL
 from service.train.service import TrainService
 from util.errors import BadRequestError, ConflictError, NotFoundError, PermissionDeniedError
@@ -338,6 +338,8 @@ class FineTuningService:
         if task.status == TaskStatus.paused and self.store.move(
             task.id, TaskStatus.cancelled, (TaskStatus.paused,), "cancelled while paused"
         ):
+            if task.pid and is_worker_of(task.pid, task.id):  # still saving its pause checkpoint: stop it now
+                terminate_group(task.pid, None, self.settings.jobs.cancel_grace_seconds)
             return self.to_job(self.store.get(task.id))
         self.runner.cancel(task.id)
         return self.to_job(self.store.get(task.id))
