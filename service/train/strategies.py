@@ -128,6 +128,8 @@ class DpoStrategy(TrlSftStrategy):
         from service.train.runner import common_args
 
         args = common_args(settings, config, output_dir, has_eval, dtype, distributed)
+        # TRL's Liger DPO path is a different loss implementation: only when the request asks for it.
+        args["use_liger_kernel"] = bool(config.use_liger_kernel)
         beta = 0.1 if config.beta is None else config.beta
         return DPOConfig(**args, beta=beta, loss_type=[config.loss_type or "sigmoid"])
 
