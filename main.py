@@ -48,7 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.api_key_digests = key_digests(settings)
         app.state.store = store
         app.state.runner = runner
-        app.state.data_service = DataService(settings)
+        app.state.data_service = DataService(settings, store)
         app.state.train_service = TrainService(settings, runner)
         app.state.export_service = ExportService(settings, runner)
         app.state.eval_service = EvalService(settings, runner)

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from entity.data import (
     LengthStats,
@@ -22,6 +22,9 @@ from service import models
 from util.errors import ConflictError, InvalidInputError, NotFoundError
 from util.paths import resolve_client_path
 from util.settings import Settings
+
+if TYPE_CHECKING:
+    from service.tasks import TaskStore
 
 ROLE_ALIASES = {
     "system": "system",
@@ -290,9 +293,16 @@ def _same_kind(kind: str | None, found: str, fmt: str, record: Any, records: lis
 class DataService:
     """Validate, process and store chat datasets inside the configured roots."""
 
-    def __init__(self, settings: Settings) -> None:
-        """Bind to the settings (roots, limits, default model)."""
+    def __init__(self, settings: Settings, store: "TaskStore | None" = None) -> None:
+        """Bind to the settings (roots, limits, default model) and the task store (to name trained models)."""
         self.settings = settings
+        self.store = store
+
+    def _model(self, model: str | None) -> Path:
+        """The model whose tokenizer measures lengths: a base, a train task id or a fine-tuned name."""
+        if self.store is None:
+            return models.resolve_model(model, self.settings)
+        return models.resolve_model_ref(model, self.settings, self.store)
 
     def resolve_input(self, raw: str) -> Path:
         """Resolve a client file path inside the roots and require that it exists."""
@@ -326,7 +336,7 @@ class DataService:
                 errors.append(RecordError(line=rec.line, reason=reason))
         stats = None
         if records:
-            tokenizer = models.load_tokenizer(models.tokenizer_dir(models.resolve_model(model, self.settings)))
+            tokenizer = models.load_tokenizer(models.tokenizer_dir(self._model(model)))
             if kind == "preference":
                 lengths = [
                     max(len(models.chat_token_ids(tokenizer, p["prompt"] + p[side])) for side in ("chosen", "rejected"))

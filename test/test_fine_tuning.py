@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -116,7 +117,7 @@ def test_wrong_key_is_refused(server):
         bad.fine_tuning.jobs.list()
 
 
-def test_supervised_job_end_to_end(oai):
+def test_supervised_job_end_to_end(oai, server):
     train = upload(oai, CHAT_RECORDS[:16])
     valid = upload(oai, CHAT_RECORDS[16:20], "valid.jsonl")
     job = oai.fine_tuning.jobs.create(
@@ -159,7 +160,13 @@ def test_supervised_job_end_to_end(oai):
     assert oai.models.retrieve(job.fine_tuned_model).id == job.fine_tuned_model
     assert [j.id for j in oai.fine_tuning.jobs.list(metadata={"team": "search"})] == [job.id]
 
-    # train the fine-tuned model further: its name works wherever a model is taken
+    # the name works on /api routes that take a model, and training continues from it
+    checked = httpx.post(
+        f"{server}/api/data/validate",
+        json={"file_path": f"files/{train}.jsonl", "model": job.fine_tuned_model},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert checked.status_code == 200 and checked.json()["valid"], checked.text
     again = oai.fine_tuning.jobs.create(
         model=job.fine_tuned_model, training_file=train, hyperparameters={"n_epochs": 1, "batch_size": 8}
     )
