@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from controller import data, export, health, inference, openai_api, runs, train
+from controller import data, export, health, inference, openai_api, runs, tinker, train
 from controller import eval as eval_routes
 from controller.auth import key_digests, require_api_key
 from controller.errors import install_error_handlers
@@ -25,6 +25,7 @@ from service.jobs import JobRunner
 from service.models import ModelCache, device_info
 from service.runs import RunService
 from service.tasks import TaskStore
+from service.tinker_api import TinkerService
 from service.train.service import TrainService
 from util.settings import PROJECT_ROOT, VERSION, Settings, load_settings
 
@@ -51,6 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.export_service = ExportService(settings, runner)
         app.state.eval_service = EvalService(settings, runner)
         app.state.run_service = RunService(settings, store)
+        app.state.tinker_service = TinkerService(settings, app.state.run_service)
         app.state.model_cache = ModelCache(settings.inference.cache_size)
         app.state.inference_service = InferenceService(settings, store, app.state.model_cache)
         app.state.device = device_info()
@@ -76,6 +78,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)  # /health (like /docs) stays open
     for module in (data, train, inference, openai_api, runs, export, eval_routes):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
+    app.include_router(tinker.files_router)  # signed download links carry their own credential
+    app.include_router(tinker.router)  # Tinker SDK routes (/api/v1), keys with or without `tml-`
     return app
 
 
