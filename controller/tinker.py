@@ -3,6 +3,7 @@
 The request and response bodies are the `tinker` package's own pydantic types and protobuf messages.
 """
 
+import asyncio
 import io
 import secrets
 import tarfile
@@ -131,14 +132,14 @@ def telemetry() -> dict[str, str]:
 async def create_model(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Create a LoRA training model (a run); the future resolves when its worker is ready."""
     req = await _body(request, tt.CreateModelRequest)
-    return _future(tinker.create_model(req))
+    return _future(await asyncio.to_thread(tinker.create_model, req))
 
 
 @router.post("/get_info")
 async def get_info(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """A model's base model, LoRA rank and tokenizer."""
     req = await _body(request, tt.GetInfoRequest)
-    return tinker.info(req.model_id)
+    return await asyncio.to_thread(tinker.info, req.model_id)
 
 
 class _WeightsInfoRequest(BaseModel):
@@ -149,7 +150,7 @@ class _WeightsInfoRequest(BaseModel):
 async def weights_info(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """What a checkpoint needs to be loaded."""
     req = await _body(request, _WeightsInfoRequest)
-    return tinker.weights_info(req.tinker_path)
+    return await asyncio.to_thread(tinker.weights_info, req.tinker_path)
 
 
 # -- training --------------------------------------------------------------------------------------------
@@ -170,7 +171,7 @@ async def _proto_body(request: Request) -> bytes:
 async def forward_backward(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Queue a forward (forward_only) or forward/backward pass with one of Tinker's losses."""
     req = decode_forward_backward(await _proto_body(request))
-    return _future(tinker.forward_backward(req), req["model_id"])
+    return _future(await asyncio.to_thread(tinker.forward_backward, req), req["model_id"])
 
 
 @router.post("/forward")
@@ -178,28 +179,29 @@ async def forward(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """A forward pass (same protobuf body as forward_backward): per-token logprobs and the loss, no gradients."""
     req = decode_forward_backward(await _proto_body(request))
     req["forward_only"] = True
-    return _future(tinker.forward_backward(req), req["model_id"])
+    return _future(await asyncio.to_thread(tinker.forward_backward, req), req["model_id"])
 
 
 @router.post("/optim_step")
 async def optim_step(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Queue an Adam step on the gradients accumulated so far."""
     req = await _body(request, tt.OptimStepRequest)
-    return _future(tinker.optim_step(req), req.model_id)
+    return _future(await asyncio.to_thread(tinker.optim_step, req), req.model_id)
 
 
 @router.post("/save_weights")
 async def save_weights(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Save adapter and Adam state: tinker://<model>/weights/<name>."""
     req = await _body(request, tt.SaveWeightsRequest)
-    return _future(tinker.save(req.model_id, "weights", req.path, overwrite=req.overwrite), req.model_id)
+    job = await asyncio.to_thread(tinker.save, req.model_id, "weights", req.path, req.overwrite)
+    return _future(job, req.model_id)
 
 
 @router.post("/save_weights_for_sampler")
 async def save_weights_for_sampler(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Save a sampler snapshot: named (tinker://<model>/sampler_weights/<name>) or for a new sampling session."""
     req = await _body(request, tt.SaveWeightsForSamplerRequest)
-    return _future(tinker.save(req.model_id, "sampler_weights", req.path), req.model_id)
+    return _future(await asyncio.to_thread(tinker.save, req.model_id, "sampler_weights", req.path), req.model_id)
 
 
 @router.post("/save_weights_external")
@@ -208,14 +210,15 @@ async def save_weights_external(request: Request, tinker: TinkerDep) -> dict[str
     req = await _body(request, tt.SaveWeightsExternalRequest)
     if req.age_encryption_recipients:
         raise InvalidInputError("Encrypted (age) exports are not supported.")
-    return _future(tinker.save(req.model_id, "external_weights", req.path), req.model_id)
+    job = await asyncio.to_thread(tinker.save, req.model_id, "external_weights", req.path)
+    return _future(job, req.model_id)
 
 
 @router.post("/load_weights")
 async def load_weights(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Load a checkpoint into a model, or create a model from it (with or without its Adam state)."""
     req = await _body(request, tt.LoadWeightsRequest)
-    return _future(tinker.load_weights(req))
+    return _future(await asyncio.to_thread(tinker.load_weights, req))
 
 
 # -- sampling --------------------------------------------------------------------------------------------
@@ -223,7 +226,7 @@ async def load_weights(request: Request, tinker: TinkerDep) -> dict[str, Any]:
 async def create_sampling_session(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """A sampling session on a sampler checkpoint or a base model."""
     req = await _body(request, tt.CreateSamplingSessionRequest)
-    sid = tinker.sampling_session(req.model_path, req.base_model)
+    sid = await asyncio.to_thread(tinker.sampling_session, req.model_path, req.base_model)
     return {"type": "create_sampling_session", "sampling_session_id": sid}
 
 
@@ -237,7 +240,7 @@ def get_sampler(sampling_session_id: str, tinker: TinkerDep) -> dict[str, Any]:
 async def asample(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Queue sampling num_samples continuations of a token prompt."""
     req = await _body(request, tt.SampleRequest)
-    request_id = tinker.sample(req)
+    request_id = await asyncio.to_thread(tinker.sample, req)
     return {**_future(request_id), "sample_sequence_ids": [f"{request_id}:{i}" for i in range(req.num_samples)]}
 
 

@@ -231,6 +231,7 @@ class RunService:
         self.log_dir = settings.data_dir / "logs"
         self._workers: dict[str, RunningJob] = {}
         self._lock = threading.RLock()
+        self._admit = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -332,7 +333,11 @@ class RunService:
             created_at=utcnow(),
             last_used_at=utcnow(),
         )
-        self.store.add_run(run)
+        with self._admit:  # the capacity check and the insert are one step, so concurrent creates cannot overshoot
+            if run_id is not None and self._exists(run_id):
+                raise ConflictError(f"Run '{run_id}' already exists.", details={"run_id": run_id})
+            self._check_capacity()
+            self.store.add_run(run)
         self._spawn(run.id)
         return self.store.get_run(run.id)
 
