@@ -1,12 +1,10 @@
 """The official `tinker` SDK against a live server on the tiny model: training, sampling, state, losses, REST."""
 
-import asyncio
 import os
 import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -75,6 +73,14 @@ def loss_of(tc: tinker.TrainingClient, data: list[types.Datum]) -> float:
     return tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
 
 
+@pytest.fixture(scope="module")
+def trained(service) -> tuple[tinker.TrainingClient, list[float]]:
+    """One LoRA model trained to continue PROMPT with TARGET (shared: each run is a worker process)."""
+    tc = service.create_lora_training_client(base_model=TINY_NAME, rank=8, seed=3).result()
+    losses = train(tc, [sft_datum(PROMPT + TARGET, prompt_len=len(PROMPT))], steps=15, lr=1e-2)
+    return tc, losses
+
+
 def test_capabilities_and_health(server, service):
     caps = service.get_server_capabilities()
     assert TINY_NAME in [m.model_name for m in caps.supported_models]
@@ -82,11 +88,10 @@ def test_capabilities_and_health(server, service):
     assert httpx.get(f"{server}/api/v1/healthz").status_code == 401
 
 
-def test_training_loss_decreases_and_sampler_learns_the_continuation(service, tok):
-    tc = service.create_lora_training_client(base_model=TINY_NAME, rank=8, seed=3).result()
+def test_training_loss_decreases_and_sampler_learns_the_continuation(trained, tok):
+    tc, losses = trained
     info = tc.get_info()
     assert info.model_data.model_name == TINY_NAME and info.lora_rank == 8
-    losses = train(tc, [sft_datum(PROMPT + TARGET, prompt_len=len(PROMPT))], steps=15, lr=1e-2)
     assert losses[-1] < losses[0] * 0.5, losses
     sampler = tc.save_weights_and_get_sampling_client().result()
     prompt, want = PROMPT, TARGET[:3]
@@ -105,10 +110,9 @@ def test_training_loss_decreases_and_sampler_learns_the_continuation(service, to
         assert (seq.stop_reason == "stop") == (seq.tokens[-1] == want[2])
 
 
-def test_compute_logprobs_equal_a_teacher_forced_forward(service, tok):
-    tc = service.create_lora_training_client(base_model=TINY_NAME, rank=4, seed=1).result()
+def test_compute_logprobs_equal_a_teacher_forced_forward(trained, tok):
+    tc, _ = trained
     ids = tok.encode(TEXT)[:16]
-    train(tc, [sft_datum(ids)], steps=2)
     forward = tc.forward([sft_datum(ids)], "cross_entropy").result()
     teacher = forward.loss_fn_outputs[0]["logprobs"].data
     sampler = tc.save_weights_and_get_sampling_client().result()
@@ -128,20 +132,19 @@ def test_compute_logprobs_equal_a_teacher_forced_forward(service, tok):
     assert top[1][0][1] >= teacher[0] - 1e-4  # the best token is at least as likely as the actual one
 
 
-def test_save_state_and_resume_with_optimizer_gives_the_same_next_step(service, tok):
+def test_save_state_and_resume_with_optimizer_gives_the_same_next_step(service, trained, tok):
     data = [sft_datum(tok.encode(TEXT)[:20])]
-    tc = service.create_lora_training_client(base_model=TINY_NAME, rank=4, seed=2).result()
-    train(tc, data, steps=3, lr=1e-2)
-    path = tc.save_state("after-3").result().path
-    assert path == f"tinker://{tc.model_id}/weights/after-3"
+    tc, _ = trained
+    path = tc.save_state("resume-point").result().path
+    assert path == f"tinker://{tc.model_id}/weights/resume-point"
     train(tc, data, steps=1, lr=1e-2)
     expected = loss_of(tc, data)
     resumed = service.create_training_client_from_state_with_optimizer(path).result()
     train(resumed, data, steps=1, lr=1e-2)
     assert loss_of(resumed, data) == pytest.approx(expected, abs=1e-5)
-    fresh_adam = service.create_training_client_from_state(path).result()  # weights only: Adam starts over
-    train(fresh_adam, data, steps=1, lr=1e-2)
-    assert abs(loss_of(fresh_adam, data) - expected) > 1e-3
+    resumed.load_state(path).result()  # weights only: Adam starts over, so the next step differs
+    train(resumed, data, steps=1, lr=1e-2)
+    assert abs(loss_of(resumed, data) - expected) > 1e-3
 
 
 def rl_datum(ids: list[int], seed: int) -> types.Datum:
@@ -237,9 +240,9 @@ def test_rl_loss_gradient_matches_the_formula(name, cfg, settings, tok):
     assert any(float(g.abs().max()) > 1e-6 for g in got)
 
 
-def test_rl_losses_over_the_wire_report_the_formula_loss(service, tok):
+def test_rl_losses_over_the_wire_report_the_formula_loss(trained, tok):
     """loss_fn_config reaches the server: each loss's loss:sum equals the formula on the returned logprobs."""
-    tc = service.create_lora_training_client(base_model=TINY_NAME, rank=4, seed=5).result()
+    tc, _ = trained
     data = [rl_datum(tok.encode(TEXT)[:12], 0), rl_datum(tok.encode(TEXT)[3:10], 1)]
     for name, cfg in RL_CASES:
         out = tc.forward(data, name, cfg).result()
@@ -254,37 +257,39 @@ def test_rl_losses_over_the_wire_report_the_formula_loss(service, tok):
     assert fb.result().metrics["loss:sum"] != 0 and opt.result() is not None
 
 
-def test_forward_backward_custom_equals_cross_entropy(service, tok):
+def test_forward_backward_custom_equals_cross_entropy(trained, tok):
+    """From one saved state, a custom NLL step and a cross_entropy step give the same loss and the same weights."""
+    tc, _ = trained
     data = [sft_datum(tok.encode(TEXT)[:16], prompt_len=4)]
-    a = service.create_lora_training_client(base_model=TINY_NAME, rank=4, seed=9).result()
-    b = service.create_lora_training_client(base_model=TINY_NAME, rank=4, seed=9).result()
+    start = tc.save_state("before-custom").result().path
 
     def nll(batch: list[types.Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         weights = [torch.tensor(d.loss_fn_inputs["weights"].data) for d in batch]
         return sum(-(lp * w).sum() for lp, w in zip(logprobs, weights, strict=True)), {}
 
-    custom = a.forward_backward_custom(data, nll)
-    a_opt = a.optim_step(types.AdamParams(learning_rate=1e-2))
-    ce = b.forward_backward(data, "cross_entropy")
-    b_opt = b.optim_step(types.AdamParams(learning_rate=1e-2))
+    custom = tc.forward_backward_custom(data, nll)
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    after_custom = loss_of(tc, data)
+    tc.load_state_with_optimizer(start).result()
+    ce = tc.forward_backward(data, "cross_entropy")
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     assert custom.result().metrics["loss:sum"] == pytest.approx(ce.result().metrics["loss:sum"], abs=1e-5)
-    a_opt.result(), b_opt.result()
-    assert loss_of(a, data) == pytest.approx(loss_of(b, data), abs=1e-5)
+    assert after_custom == pytest.approx(loss_of(tc, data), abs=1e-5)
+    assert after_custom != pytest.approx(ce.result().metrics["loss:sum"], abs=1e-3)  # the step changed the weights
 
 
-def test_rest_client_lists_runs_and_checkpoints_and_downloads_peft_weights(server, service, tok, tmp_path):
-    tc = service.create_lora_training_client(base_model=TINY_NAME, rank=4, seed=4).result()
-    train(tc, [sft_datum(tok.encode(TEXT)[:12])], steps=1)
+def test_rest_client_lists_runs_and_checkpoints_and_downloads_peft_weights(server, service, trained, tok, tmp_path):
+    tc, _ = trained
     path = tc.save_state("final").result().path
     sampler_path = tc.save_weights_for_sampler("for-sampling").result().path
     rest = service.create_rest_client()
     runs = rest.list_training_runs(limit=100).result()
     assert tc.model_id in [r.training_run_id for r in runs.training_runs]
     run = rest.get_training_run(tc.model_id).result()
-    assert run.base_model == TINY_NAME and run.lora_rank == 4
+    assert run.base_model == TINY_NAME and run.lora_rank == 8
     cps = {c.tinker_path: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
     assert cps[path].checkpoint_type == "training" and cps[sampler_path].checkpoint_type == "sampler"
-    assert rest.get_weights_info_by_tinker_path(path).result().lora_rank == 4
+    assert rest.get_weights_info_by_tinker_path(path).result().lora_rank == 8
     # `tinker checkpoint download` (the CLI seed 004 uses): export, signed per-file URLs, fetch.
     env = {**os.environ, "TINKER_BASE_URL": server, "TINKER_API_KEY": SDK_KEY, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -312,14 +317,14 @@ def test_rest_client_lists_runs_and_checkpoints_and_downloads_peft_weights(serve
     assert httpx.get(f"{server}/api/v1/files/not-a-token").status_code == 404
 
 
-def test_bad_input_answers_clearly(server, service, tok):
+def test_bad_input_answers_clearly(server, service, trained, tok):
     rest = service.create_rest_client()
     with pytest.raises(tinker.NotFoundError):
         rest.get_training_run("no-such-model").result()
     headers = {"X-API-Key": SDK_KEY}
     r = httpx.post(f"{server}/api/v1/get_info", json={"model_id": "nope:train:0"}, headers=headers)
     assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
-    tc = service.create_lora_training_client(base_model=TINY_NAME, rank=4).result()
+    tc, _ = trained
     ids = tok.encode(TEXT)[:8]
     bad_shape = types.Datum(
         model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0]}
@@ -342,27 +347,25 @@ def test_bad_input_answers_clearly(server, service, tok):
     assert r.status_code == 404
 
 
-def test_concurrent_model_creation_respects_max_runs(tmp_path, tiny_model_root):
+def test_concurrent_model_creation_respects_max_runs(settings):
     """Eight create_model calls at once on a server allowing two runs: exactly two start, six get 429."""
-    url, proc = start_server(tmp_path, tiny_model_root, {"runs": {"max_runs": 2}})
-    try:
+    from concurrent.futures import ThreadPoolExecutor
 
-        async def create(i: int) -> int:
-            body = {
-                "session_id": "concurrent",
-                "model_seq_id": i,
-                "base_model": TINY_NAME,
-                "lora_config": {"rank": 2},
-            }
-            async with httpx.AsyncClient(timeout=60) as client:
-                return (await client.post(f"{url}/api/v1/create_model", json=body)).status_code
+    from fastapi.testclient import TestClient
 
-        async def all_at_once() -> list[int]:
-            return await asyncio.gather(*[create(i) for i in range(8)])
+    from main import create_app
 
-        codes = asyncio.run(all_at_once())
+    settings.runs.max_runs = 2
+    with TestClient(create_app(settings)) as client:
+
+        def create(i: int) -> int:
+            body = {"session_id": "concurrent", "model_seq_id": i, "base_model": TINY_NAME, "lora_config": {"rank": 2}}
+            return client.post("/api/v1/create_model", json=body).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(create, range(8)))
         assert sorted(codes) == [200, 200] + [429] * 6, codes
-        runs = httpx.get(f"{url}/v1/runs").json()["items"]
-        assert len([r for r in runs if r["status"] in ("starting", "ready")]) == 2
-    finally:
-        stop_server(proc)
+        runs = client.get("/v1/runs").json()["items"]
+        assert len(runs) == 2
+        for run in runs:  # free the two workers at once
+            assert client.delete(f"/v1/runs/{run['id']}").status_code == 200
