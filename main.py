@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from controller import data, export, files, fine_tuning, health, inference, openai_api, runs, train
+from controller import data, export, files, fine_tuning, health, inference, openai_api, runs, tinker, train
 from controller import eval as eval_routes
 from controller import ui as ui_routes
 from controller.auth import key_digests, require_api_key
@@ -31,6 +31,7 @@ from service.models import ModelCache, device_info
 from service.outputs import OutputFileService
 from service.runs import RunService
 from service.tasks import TaskStore
+from service.tinker_api import TinkerService
 from service.train.service import TrainService
 from util.settings import PROJECT_ROOT, VERSION, Settings, load_settings
 
@@ -58,6 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.eval_service = EvalService(settings, runner)
         app.state.run_service = RunService(settings, store)
         app.state.output_file_service = OutputFileService(settings, store)
+        app.state.tinker_service = TinkerService(settings, app.state.run_service)
         app.state.model_cache = ModelCache(settings.inference.cache_size)
         app.state.inference_service = InferenceService(settings, store, app.state.model_cache)
         app.state.file_service = FileService(settings, store, app.state.data_service)
@@ -90,6 +92,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)  # /health (like /docs) stays open
     for module in (data, train, inference, openai_api, fine_tuning, runs, export, eval_routes, files):
         app.include_router(module.router, dependencies=[Depends(require_api_key)], responses=error_responses(401))
+    app.include_router(tinker.files_router)  # signed download links carry their own credential
+    app.include_router(tinker.router)  # Tinker SDK routes (/api/v1), keys with or without `tml-`
     install_openapi(app)
     return app
 
