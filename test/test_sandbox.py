@@ -296,3 +296,15 @@ def test_a_tokenizer_config_naming_an_outside_file_is_403(guarded, world, tmp_pa
     r = client.post("/api/data/validate", json={"file_path": "uploads/keep.jsonl", "model": str(folder)})
     assert r.status_code == 403, r.text
     assert "tokenizer_file" in r.json()["error"]["message"] and str(tmp_path) not in r.json()["error"]["message"]
+
+
+def test_an_upload_cannot_forge_an_output_marker(guarded, world):
+    """A client can't mark uploads/ as an export output (and so have an export replace it)."""
+    client = world["client"]
+    forged = json.dumps({"kind": "export", "task_id": "x"}).encode()
+    for name in (OUTPUT_MARKER, f".keep.tar.gz{OUTPUT_MARKER}", ".hidden"):
+        r = client.post("/api/data/upload", files={"file": (name, forged)})
+        assert r.status_code == 422, r.text
+    r = client.post("/api/export/onnx", json={"output_path": str(guarded.data_dir / "uploads"), "overwrite": True})
+    assert r.status_code == 409, r.text
+    assert_intact(guarded, world)
