@@ -308,3 +308,19 @@ def test_an_upload_cannot_forge_an_output_marker(guarded, world):
     r = client.post("/api/export/onnx", json={"output_path": str(guarded.data_dir / "uploads"), "overwrite": True})
     assert r.status_code == 409, r.text
     assert_intact(guarded, world)
+
+
+def test_a_run_state_saved_before_markers_is_still_replaceable_by_its_run_only(tmp_path):
+    from service.runs import RUN_STATE_KIND, adopt_legacy_state
+
+    state = tmp_path / "autosave"
+    state.mkdir()
+    (state / "run_state.json").write_text(json.dumps({"run_id": "r1", "step": 3}))
+    adopt_legacy_state(state, "r2")  # another run's folder stays unmarked, so it is never replaced
+    assert read_marker(state) is None
+    with pytest.raises(ConflictError):
+        publish(fresh_dir(state), state, RUN_STATE_KIND, "r2")
+    adopt_legacy_state(state, "r1")
+    assert read_marker(state)["kind"] == RUN_STATE_KIND
+    publish(fresh_dir(state), state, RUN_STATE_KIND, "r1")
+    assert read_marker(state)["task_id"] == "r1"
