@@ -622,6 +622,10 @@ class DataService:
         name = Path(filename or "").name
         if not name or name in {".", ".."}:
             raise InvalidInputError("The uploaded file needs a file name.")
+        if name.startswith("."):  # hidden names are the service's own (temp files, output markers)
+            raise InvalidInputError(
+                f"'{name}' starts with '.'; uploaded file names must not be hidden.", details={"filename": name}
+            )
         target = resolve_client_path(f"{UPLOAD_DIR}/{name}", self.settings.data_dir, [self.settings.data_dir])
         if target.exists() and not overwrite:
             raise ConflictError(

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from entity.runs import ChatExample, ForwardBackwardRequest, OptimStepRequest, RunRow, RunStatus, SampleRequest
 from service import losses, models
-from service.runs import RUN_STATE_KIND, RunStore, checkpoint_dir
+from service.runs import RUN_STATE_KIND, RunStore, adopt_legacy_state, checkpoint_dir
 from service.tasks import make_engine
 from service.train.fused_lora import fuse_lora_layers
 from service.worker import Terminated, format_error, start_worker_process
@@ -362,6 +362,7 @@ class RunState:
 
     def save_state(self, path: Path) -> dict[str, Any]:
         """Save the adapter (a PEFT folder with the tokenizer) and the optimizer state, atomically."""
+        adopt_legacy_state(path, self.run.id)
         staging = fresh_dir(path)
         try:
             self.model.save_pretrained(staging)

@@ -37,7 +37,7 @@ from service import models
 from service.jobs import RunningJob, is_worker_of, process_start, spawn_worker, take_ended, terminate_group
 from service.tasks import TaskStore, lock_for_write
 from util.errors import AppError, ConflictError, InvalidInputError, NotFoundError
-from util.files import check_replaceable
+from util.files import check_replaceable, read_marker, write_marker
 from util.paths import resolve_client_path
 from util.settings import Settings
 
@@ -237,6 +237,18 @@ def _check_live(session: Session, limit: int) -> None:
 def checkpoint_dir(settings: Settings, run_id: str, name: str) -> Path:
     """Where a run's named state is saved (inside the model dir, so it can be served and exported)."""
     return settings.model_dir / "runs" / run_id / name
+
+
+def adopt_legacy_state(path: Path, run_id: str) -> None:
+    """Mark a state this run saved before outputs carried markers (its run_state.json names the run)."""
+    if not path.is_dir() or read_marker(path) is not None:
+        return
+    try:
+        meta = json.loads((path / "run_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(meta, dict) and meta.get("run_id") == run_id:
+        write_marker(path, RUN_STATE_KIND, run_id, legacy=True)
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -439,6 +451,7 @@ class RunService:
         """Queue saving the adapter and optimizer state under a name."""
         self._usable(run_id)
         target = checkpoint_dir(self.settings, run_id, req.name)
+        adopt_legacy_state(target, run_id)
         if check_replaceable(target, RUN_STATE_KIND, req.name) and not req.overwrite:
             raise ConflictError(f"Run '{run_id}' already has a state named '{req.name}'; pass \"overwrite\": true.")
         return self.store.add_job(run_id, "save_state", {**req.model_dump(), "path": str(target)})

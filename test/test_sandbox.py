@@ -296,3 +296,31 @@ def test_a_tokenizer_config_naming_an_outside_file_is_403(guarded, world, tmp_pa
     r = client.post("/api/data/validate", json={"file_path": "uploads/keep.jsonl", "model": str(folder)})
     assert r.status_code == 403, r.text
     assert "tokenizer_file" in r.json()["error"]["message"] and str(tmp_path) not in r.json()["error"]["message"]
+
+
+def test_an_upload_cannot_forge_an_output_marker(guarded, world):
+    """A client can't mark uploads/ as an export output (and so have an export replace it)."""
+    client = world["client"]
+    forged = json.dumps({"kind": "export", "task_id": "x"}).encode()
+    for name in (OUTPUT_MARKER, f".keep.tar.gz{OUTPUT_MARKER}", ".hidden"):
+        r = client.post("/api/data/upload", files={"file": (name, forged)})
+        assert r.status_code == 422, r.text
+    r = client.post("/api/export/onnx", json={"output_path": str(guarded.data_dir / "uploads"), "overwrite": True})
+    assert r.status_code == 409, r.text
+    assert_intact(guarded, world)
+
+
+def test_a_run_state_saved_before_markers_is_still_replaceable_by_its_run_only(tmp_path):
+    from service.runs import RUN_STATE_KIND, adopt_legacy_state
+
+    state = tmp_path / "autosave"
+    state.mkdir()
+    (state / "run_state.json").write_text(json.dumps({"run_id": "r1", "step": 3}))
+    adopt_legacy_state(state, "r2")  # another run's folder stays unmarked, so it is never replaced
+    assert read_marker(state) is None
+    with pytest.raises(ConflictError):
+        publish(fresh_dir(state), state, RUN_STATE_KIND, "r2")
+    adopt_legacy_state(state, "r1")
+    assert read_marker(state)["kind"] == RUN_STATE_KIND
+    publish(fresh_dir(state), state, RUN_STATE_KIND, "r1")
+    assert read_marker(state)["task_id"] == "r1"
