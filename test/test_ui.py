@@ -185,9 +185,22 @@ def test_start_training_and_watch_the_loss_curve_grow(dash: str, offline_page: O
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(artefact_dir / "task-top.png"))  # the README's picture (docs/dashboard.png)
     assert page.locator("#task-files code", has_text=re.compile(r"^tensorboard/events\.out\.tfevents")).count() >= 1
-    # a finished task draws its curve from the stored events
+    # a finished task draws its curve from the stored events, and the page reconnects when the stream drops
+    dropped: list[str] = []
+
+    def drop_first(route: object) -> None:
+        if dropped:
+            route.continue_()
+        else:
+            dropped.append(route.request.url)
+            route.abort("connectionreset")
+
+    page.route("**/api/train/events/**", drop_first)
     page.reload()
     page.wait_for_function("WT.charts.loss.data[0].length === 24")
+    assert len(dropped) == 1
+    assert page.inner_text("#task-logs").count("step 24: loss") == 1
+    assert page.inner_text("#stream-state") == "(succeeded)"
     page.goto(dash + "/ui")
     page.wait_for_selector(f"#tasks-body tr[data-task-id='{task_id}'][data-status='succeeded']")
     page.select_option("#task-filter select[name=status]", "failed")
