@@ -258,7 +258,9 @@ function initTasks() {
   const form = $("#task-filter");
   form.onchange = () => refreshTasks().catch(fail("tasks"));
   const loop = async () => {
-    try { await refreshTasks(); } catch (err) { fail("tasks")(err); }
+    if (!document.hidden) {  // a background tab stops polling
+      try { await refreshTasks(); } catch (err) { fail("tasks")(err); }
+    }
     clearTimeout(tasksTimer);
     tasksTimer = setTimeout(loop, 2000);
   };
