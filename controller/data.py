@@ -43,13 +43,13 @@ def upload(
     return service.upload(file.filename or "", file.file, overwrite=overwrite)
 
 
-@router.get("/files", response_model=DatasetFileList)
+@router.get("/files", response_model=DatasetFileList, summary="List dataset files")
 def files(service: DataServiceDep) -> DatasetFileList:
     """List the JSON and JSONL files under the data dir (uploads, processed splits)."""
     return service.files()
 
 
-@router.get("/preview", response_model=DatasetPreview)
+@router.get("/preview", response_model=DatasetPreview, summary="Preview dataset records")
 def preview(
     service: DataServiceDep,
     file_path: Annotated[str, Query(description="Relative to the data dir, or absolute inside an allowed root.")],
