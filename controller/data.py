@@ -71,7 +71,7 @@ def upload(
     return service.upload(file.filename or "", file.file, overwrite=overwrite)
 
 
-@router.get("/files", response_model=DataFileList)
+@router.get("/files", response_model=DataFileList, summary="List dataset files")
 def files(
     service: DataServiceDep, kind: Annotated[Literal["upload", "processed"] | None, Query()] = None
 ) -> DataFileList:
@@ -79,7 +79,7 @@ def files(
     return service.list_files(kind)
 
 
-@router.get("/preview", response_model=PreviewResponse)
+@router.get("/preview", response_model=PreviewResponse, summary="Preview dataset records")
 def preview(
     service: DataServiceDep,
     file_path: Annotated[str, Query(description="Relative to the data dir, or absolute inside an allowed root.")],

@@ -15,48 +15,6 @@ from conftest import SAMPLE, start_server, stop_server
 EXTERNAL_URL = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.I)
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory, tiny_model_root: Path) -> Iterator[str]:
-    """A real server on loopback serving the tiny model (the browser needs a socket)."""
-    url, proc = start_server(tmp_path_factory.mktemp("ui_server"), tiny_model_root)
-    yield url
-    stop_server(proc)
-
-
-@pytest.mark.parametrize("path", ["/docs", "/redoc"])
-def test_docs_pages_reference_no_external_url(live: str, path: str) -> None:
-    html = httpx.get(live + path).text
-    assert "/static/vendor/" in html
-    assert not EXTERNAL_URL.search(html), html
-    for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', html):
-        assert httpx.get(live + asset).status_code == 200, asset
-
-
-def test_swagger_ui_renders_operations_offline(live: str, offline_page: OfflinePage, artefact_dir: Path) -> None:
-    page = offline_page.page
-    page.goto(live + "/docs")
-    page.wait_for_selector(".opblock-summary-path", timeout=30_000)
-    paths = page.locator(".opblock-summary-path").all_inner_texts()
-    assert any("/api/train/start" in p for p in paths), paths
-    assert any("/v1/chat/completions" in p for p in paths), paths
-    page.locator(".opblock-summary-path", has_text="/health").first.click()
-    page.wait_for_selector("text=Try it out")
-    page.screenshot(path=str(artefact_dir / "docs.png"))
-    assert offline_page.external == []
-
-
-def test_redoc_renders_operations_offline(live: str, offline_page: OfflinePage, artefact_dir: Path) -> None:
-    page = offline_page.page
-    page.goto(live + "/redoc")
-    page.wait_for_selector("[data-section-id^='operation/']", timeout=60_000)
-    assert page.locator("[data-section-id^='operation/']").count() > 10
-    assert "/api/train/start" in page.content()
-    page.screenshot(path=str(artefact_dir / "redoc.png"))
-    assert offline_page.external == []
-
-
-# -- the dashboard ------------------------------------------------------------------------------------------
-
 KEY = "dashboard-test-key"
 STATE: dict[str, str] = {}
 
@@ -67,6 +25,41 @@ def dash(tmp_path_factory: pytest.TempPathFactory, tiny_model_root: Path) -> Ite
     url, proc = start_server(tmp_path_factory.mktemp("dash_server"), tiny_model_root, {"auth": {"api_keys": [KEY]}})
     yield url
     stop_server(proc)
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc"])
+def test_docs_pages_reference_no_external_url(dash: str, path: str) -> None:
+    html = httpx.get(dash + path).text
+    assert "/static/vendor/" in html
+    assert not EXTERNAL_URL.search(html), html
+    for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', html):
+        assert httpx.get(dash + asset).status_code == 200, asset
+
+
+def test_swagger_ui_renders_operations_offline(dash: str, offline_page: OfflinePage, artefact_dir: Path) -> None:
+    page = offline_page.page
+    page.goto(dash + "/docs")
+    page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert any("/api/train/start" in p for p in paths), paths
+    assert any("/v1/chat/completions" in p for p in paths), paths
+    page.locator(".opblock-summary-path", has_text="/health").first.click()
+    page.wait_for_selector("text=Try it out")
+    page.screenshot(path=str(artefact_dir / "docs.png"))
+    assert offline_page.external == []
+
+
+def test_redoc_renders_operations_offline(dash: str, offline_page: OfflinePage, artefact_dir: Path) -> None:
+    page = offline_page.page
+    page.goto(dash + "/redoc")
+    page.wait_for_selector("[data-section-id^='operation/']", timeout=60_000)
+    assert page.locator("[data-section-id^='operation/']").count() > 10
+    assert "/api/train/start" in page.content()
+    page.screenshot(path=str(artefact_dir / "redoc.png"))
+    assert offline_page.external == []
+
+
+# -- the dashboard ------------------------------------------------------------------------------------------
 
 
 def api(dash: str) -> httpx.Client:
@@ -155,9 +148,9 @@ def test_start_training_and_watch_the_loss_curve_grow(dash: str, offline_page: O
     dataset = upload_sample(dash, "train-ui.json")
     page = login(offline_page, dash, f"/ui?dataset={dataset}")
     assert page.input_value("#train-form input[name=dataset_path]") == dataset
-    page.fill("#train-form input[name=max_steps]", "30")
+    page.fill("#train-form input[name=max_steps]", "24")
     page.fill("#train-form input[name=eval_dataset_path]", dataset)
-    page.fill("#train-form input[name=eval_steps]", "10")
+    page.fill("#train-form input[name=eval_steps]", "12")
     with page.expect_navigation(url=re.compile(r"/ui/tasks/[0-9a-f]{32}$")):
         page.click("#train-form button[type=submit]")
     task_id = page.url.rsplit("/", 1)[1]
@@ -175,15 +168,15 @@ def test_start_training_and_watch_the_loss_curve_grow(dash: str, offline_page: O
     assert page.locator("#chart-loss canvas").count() == 1
     page.screenshot(path=str(artefact_dir / "task-running.png"), full_page=True)
     page.wait_for_selector("#task-status.succeeded", timeout=240_000)
-    page.wait_for_function("WT.charts.loss.data[0].length === 30")
-    assert page.inner_text("#points-loss") == "30 points"
-    assert page.evaluate("WT.charts.learning_rate.data[0].length") == 30
-    page.wait_for_function("WT.charts.eval_loss.data[0].length === 3")
-    assert page.evaluate("WT.charts.eval_loss.data[0]") == [10, 20, 30]
+    page.wait_for_function("WT.charts.loss.data[0].length === 24")
+    assert page.inner_text("#points-loss") == "24 points"
+    assert page.evaluate("WT.charts.learning_rate.data[0].length") == 24
+    page.wait_for_function("WT.charts.eval_loss.data[0].length === 2")
+    assert page.evaluate("WT.charts.eval_loss.data[0]") == [12, 24]
     assert page.evaluate("WT.charts.tokens_per_second.data[1].every(v => v > 0)")
-    assert "training started: 30 steps" in page.inner_text("#task-logs")
+    assert "training started: 24 steps" in page.inner_text("#task-logs")
     page.wait_for_selector("#task-files >> text=adapter_config.json")
-    assert '"max_steps": 30' in page.inner_text("#task-request")
+    assert '"max_steps": 24' in page.inner_text("#task-request")
     with page.expect_download() as dl:
         top_level = page.locator("code", has_text=re.compile(r"^adapter_config\.json$"))
         page.locator("#task-files tr").filter(has=top_level).locator("button").click()
@@ -192,9 +185,22 @@ def test_start_training_and_watch_the_loss_curve_grow(dash: str, offline_page: O
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(artefact_dir / "task-top.png"))  # the README's picture (docs/dashboard.png)
     assert page.locator("#task-files code", has_text=re.compile(r"^tensorboard/events\.out\.tfevents")).count() >= 1
-    # a finished task draws its curve from the stored events
+    # a finished task draws its curve from the stored events, and the page reconnects when the stream drops
+    dropped: list[str] = []
+
+    def drop_first(route: object) -> None:
+        if dropped:
+            route.continue_()
+        else:
+            dropped.append(route.request.url)
+            route.abort("connectionreset")
+
+    page.route("**/api/train/events/**", drop_first)
     page.reload()
-    page.wait_for_function("WT.charts.loss.data[0].length === 30")
+    page.wait_for_function("WT.charts.loss.data[0].length === 24")
+    assert len(dropped) == 1
+    assert page.inner_text("#task-logs").count("step 24: loss") == 1
+    assert page.inner_text("#stream-state") == "(succeeded)"
     page.goto(dash + "/ui")
     page.wait_for_selector(f"#tasks-body tr[data-task-id='{task_id}'][data-status='succeeded']")
     page.select_option("#task-filter select[name=status]", "failed")

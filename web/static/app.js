@@ -117,7 +117,7 @@ const WT = {
       let msg = `${r.status} ${r.statusText}`;
       try { msg = (await r.json()).error.message; } catch (e) { /* keep the status */ }
       if (r.status === 401) keyNeeded(msg);
-      throw new Error(msg);
+      throw Object.assign(new Error(msg), { status: r.status });
     }
     const reader = r.body.getReader();
     const decoder = new TextDecoder();
@@ -146,6 +146,13 @@ const WT = {
     }
   },
   async download(path, name) {
+    if (!WT.key()) {  // no header to add: let the browser stream the file itself (models can be large)
+      const a = el("a", { href: ROOT + path, download: name });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      return;
+    }
     const r = await fetch(ROOT + path, { headers: WT.headers() });
     if (!r.ok) {
       let msg = `${r.status}`;
@@ -251,7 +258,9 @@ function initTasks() {
   const form = $("#task-filter");
   form.onchange = () => refreshTasks().catch(fail("tasks"));
   const loop = async () => {
-    try { await refreshTasks(); } catch (err) { fail("tasks")(err); }
+    if (!document.hidden) {  // a background tab stops polling
+      try { await refreshTasks(); } catch (err) { fail("tasks")(err); }
+    }
     clearTimeout(tasksTimer);
     tasksTimer = setTimeout(loop, 2000);
   };
@@ -327,6 +336,7 @@ function renderTask(t) {
   $("#task-request").textContent = JSON.stringify(t.request, null, 2);
   const flat = flatten(t.metrics || {});
   $("#task-metrics").replaceChildren(...(flat.length ? flat : [["", "no metrics yet"]]).map(([k, v]) => el("tr", {}, el("td", { text: k }), el("td", { text: fmtNum(v) }))));
+  $("#curves").hidden = t.kind !== "train";
   const link = $("#task-eval-link");
   link.hidden = t.kind !== "eval";
   link.href = `${ROOT}/ui/evals?task=${t.id}`;
@@ -370,7 +380,7 @@ async function refreshFiles(taskId) {
 }
 
 async function initTask() {
-  const taskId = document.body.dataset.taskId;
+  const taskId = encodeURIComponent(document.body.dataset.taskId);
   for (const [key, label, color] of CURVES) WT.charts[key] = makeChart(key, label, color);
   let task;
   try {
@@ -393,34 +403,47 @@ async function initTask() {
   };
   setTimeout(poll, 1500);
   const state = $("#stream-state");
-  state.textContent = TERMINAL.has(task.status) ? "(stored events)" : "(live)";
+  const label = TERMINAL.has(task.status) ? "(stored events)" : "(live)";
+  state.textContent = label;
   $("#task-logs").textContent = "";
-  try {
-    await WT.sse(`/api/train/events/${taskId}`, {}, (type, raw) => {
-      const ev = JSON.parse(raw);
-      if (type === "end") {
-        ended = true;
-        renderTask(ev);
-        refreshFiles(taskId);
-        state.textContent = `(${ev.status})`;
-        return;
-      }
-      appendLog(ev);
-      const d = ev.data || {};
-      if (type === "metrics" && d.step !== undefined) {
-        addPoint("loss", d.step, d.loss);
-        addPoint("learning_rate", d.step, d.learning_rate);
-        addPoint("tokens_per_second", d.step, d.tokens_per_second);
-      } else if (type === "eval" && d.step !== undefined) {
-        addPoint("eval_loss", d.step, d.eval_loss);
-      } else if (type === "checkpoint") {
-        refreshFiles(taskId);
-      }
-    });
-  } catch (err) {
-    state.textContent = `(stream stopped: ${err.message})`;
+  let lastId = 0;
+  for (let attempt = 0; !ended && attempt < 30; attempt++) {
+    try {
+      await streamTask(taskId, lastId, (id) => { lastId = Math.max(lastId, Number(id) || 0); }, () => { ended = true; });
+    } catch (err) {
+      if (err.status === 401 || err.status === 404) { state.textContent = `(stream stopped: ${err.message})`; break; }
+      state.textContent = `(reconnecting: ${err.message})`;
+    }
+    if (!ended) await new Promise((r) => setTimeout(r, 2000));
+    else if (state.textContent.startsWith("(reconnecting")) state.textContent = label;
   }
   ended = true;
+}
+
+async function streamTask(taskId, after, seen, onEnd) {
+  const state = $("#stream-state");
+  await WT.sse(`/api/train/events/${taskId}?after=${after}`, {}, (type, raw, id) => {
+    if (id) seen(id);
+    const ev = JSON.parse(raw);
+    if (type === "end") {
+      onEnd();
+      renderTask(ev);
+      refreshFiles(taskId);
+      state.textContent = `(${ev.status})`;
+      return;
+    }
+    appendLog(ev);
+    const d = ev.data || {};
+    if (type === "metrics" && d.step !== undefined) {
+      addPoint("loss", d.step, d.loss);
+      addPoint("learning_rate", d.step, d.learning_rate);
+      addPoint("tokens_per_second", d.step, d.tokens_per_second);
+    } else if (type === "eval" && d.step !== undefined) {
+      addPoint("eval_loss", d.step, d.eval_loss);
+    } else if (type === "checkpoint") {
+      refreshFiles(taskId);
+    }
+  });
 }
 
 // ---------------------------------------------------------------- Datasets page
@@ -654,7 +677,10 @@ async function showEval(taskId) {
     return;
   }
   const res = t.metrics || {};
-  const primary = res.metrics || {};
+  let primary = res.metrics || {};
+  if (Array.isArray(primary)) {  // the evalscope backend: [{metric, score, num}]
+    primary = Object.fromEntries(primary.map((m) => [m.metric, m.score]));
+  }
   const other = (res.compare_with || {}).metrics || null;
   const names = [res.model || "model"].concat(other ? [res.compare_with.model] : []);
   mhead.replaceChildren(el("tr", {}, el("th", { text: "metric" }), names.map((n) => el("th", { text: n })), other ? el("th", { text: "difference" }) : null));
