@@ -406,3 +406,30 @@ def test_server_shutdown_requeues_a_checkpointed_task_which_the_next_server_fini
         done = wait_for(client, task_id, {"succeeded", "failed"})
     assert done["status"] == "succeeded", done["error"]
     assert done["metrics"]["resume_count"] == 1 and done["current_step"] == 4
+
+
+def test_resume_point_picks_the_stage_and_checkpoint(tmp_path):
+    from service.train.runner import STAGE_DONE, plan_stages, resume_point
+
+    req = TrainRequest.model_validate({"strategy": "lora", "dataset_path": "a.jsonl", "stages": [{"max_steps": 2}] * 3})
+    resolved = {"output_dir": str(tmp_path), "dataset_path": "a.jsonl", "model_path": "m"}
+    stages = plan_stages(req, resolved)
+
+    def checkpoint(stage: int, step: int) -> Path:
+        path = tmp_path / f"stage-{stage}" / f"checkpoint-{step}"
+        path.mkdir(parents=True)
+        (path / "trainer_state.json").write_text("{}")
+        return path
+
+    assert resume_point(stages, resolved) == (0, None)  # a fresh task
+    auto = {**resolved, "resume_count": 1}
+    assert resume_point(stages, auto) == (0, None)  # interrupted before any checkpoint
+    first = checkpoint(1, 2)
+    assert resume_point(stages, auto) == (0, str(first))
+    (tmp_path / "stage-1" / STAGE_DONE).write_text("{}")
+    assert resume_point(stages, auto) == (1, None)  # stage 1 done: stage 2 starts from its weights
+    assert resume_point(stages, {**resolved, "resume_from_checkpoint": str(first)}) == (1, None)
+    (tmp_path / "stage-2" / "checkpoint-1").mkdir(parents=True)  # half-written: no trainer_state.json
+    assert resume_point(stages, auto) == (1, None)
+    second = checkpoint(2, 2)
+    assert resume_point(stages, auto) == (1, str(second))
