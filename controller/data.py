@@ -4,7 +4,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, File, Form, Query, UploadFile
 
-from controller.deps import DataServiceDep
+from controller.deps import DataServiceDep, StoreDep
 from entity.data import (
     DataFileList,
     DeleteResponse,
@@ -15,6 +15,8 @@ from entity.data import (
     ValidateRequest,
     ValidateResponse,
 )
+from entity.task import TaskStatus
+from service.data import paths_in_use
 from util.errors import InvalidInputError
 
 router = APIRouter(prefix="/api/data", tags=["data"])
@@ -73,7 +75,9 @@ def preview(
 @router.delete("/files", response_model=DeleteResponse)
 def delete_upload(
     service: DataServiceDep,
+    store: StoreDep,
     file_path: Annotated[str, Query(description="An uploaded file: uploads/<name> or <name>.")],
 ) -> DeleteResponse:
-    """Delete an uploaded dataset (only files sent through /api/data/upload)."""
-    return service.delete_upload(file_path)
+    """Delete an uploaded dataset (only one sent through /api/data/upload, and none an active task reads)."""
+    active = store.with_status(TaskStatus.queued) + store.with_status(TaskStatus.running)
+    return service.delete_upload(file_path, paths_in_use(active))
