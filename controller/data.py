@@ -4,7 +4,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, File, Form, Query, UploadFile
 
-from controller.deps import DataServiceDep
+from controller.deps import DataServiceDep, StoreDep
 from controller.openapi import error_responses
 from entity import examples
 from entity.data import (
@@ -17,6 +17,8 @@ from entity.data import (
     ValidateRequest,
     ValidateResponse,
 )
+from entity.task import TaskStatus
+from service.data import paths_in_use
 from util.errors import InvalidInputError
 
 router = APIRouter(prefix="/api/data", tags=["data"])
@@ -90,10 +92,17 @@ def preview(
     return service.preview(file_path, offset, limit)
 
 
-@router.delete("/files", response_model=DeleteResponse)
+@router.delete(
+    "/files",
+    response_model=DeleteResponse,
+    summary="Delete an uploaded dataset",
+    responses=error_responses(403, 404, 409, 422),
+)
 def delete_upload(
     service: DataServiceDep,
+    store: StoreDep,
     file_path: Annotated[str, Query(description="An uploaded file: uploads/<name> or <name>.")],
 ) -> DeleteResponse:
-    """Delete an uploaded dataset (only files sent through /api/data/upload)."""
-    return service.delete_upload(file_path)
+    """Delete an uploaded dataset (only one sent through /api/data/upload, and none an active task reads)."""
+    active = store.with_status(TaskStatus.queued) + store.with_status(TaskStatus.running)
+    return service.delete_upload(file_path, paths_in_use(active))

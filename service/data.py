@@ -743,8 +743,11 @@ class DataService:
             file_path=str(path), offset=offset, limit=limit, items=items, next_offset=offset + limit if more else None
         )
 
-    def delete_upload(self, file_path: str) -> DeleteResponse:
-        """Delete a file the client uploaded (uploads/NAME); nothing else, and each file only once."""
+    def delete_upload(self, file_path: str, in_use: dict[str, str] | None = None) -> DeleteResponse:
+        """Delete a file the client uploaded (uploads/NAME); nothing else, each file once, none a task still reads.
+
+        `in_use` maps the resolved paths that queued or running tasks read to one such task's id.
+        """
         uploads = (self.settings.data_dir / UPLOAD_DIR).resolve()
         raw = file_path.strip()
         name = raw.removeprefix(f"{UPLOAD_DIR}/")
@@ -754,6 +757,12 @@ class DataService:
                 details={"file_path": file_path},
             )
         target = resolve_client_path(name, uploads, [uploads])
+        busy = (in_use or {}).get(str(target))
+        if busy:
+            raise ConflictError(
+                f"Task {busy} still reads '{name}'; delete it once the task has ended.",
+                details={"file_path": file_path, "task_id": busy},
+            )
         with self._delete_lock:  # concurrent deletes of one file: one succeeds, the rest find it gone (404)
             return self._delete(target, name, file_path, uploads)
 
@@ -777,3 +786,18 @@ class DataService:
         with self._lock:
             self._summaries.pop(target, None)
         return DeleteResponse(file_path=f"{UPLOAD_DIR}/{name}", deleted=True, size_bytes=info.st_size)
+
+
+def paths_in_use(tasks: list[Any]) -> dict[str, str]:
+    """The dataset files active tasks read (their resolved dataset paths), each with one task id."""
+    used: dict[str, str] = {}
+    for task in tasks:
+        resolved = (task.request or {}).get("resolved") or {}
+        paths = [*(resolved.get("dataset_paths") or []), resolved.get("dataset_path")]
+        paths.append(resolved.get("eval_dataset_path"))
+        for stage in resolved.get("stages") or []:
+            paths += (stage or {}).get("dataset_paths") or []
+        for path in paths:
+            if path:
+                used.setdefault(str(path), task.id)
+    return used

@@ -141,3 +141,16 @@ def test_eight_concurrent_deletes(client, settings):
     assert list((settings.data_dir / "uploads").glob("*.jsonl")) == []
     # Re-uploading a deleted name works again.
     _upload(client, "f0.jsonl", [_chat(0)])
+
+
+def test_delete_refuses_an_upload_a_task_still_reads(client, settings):
+    from conftest import add_task
+    from entity.task import TaskStatus
+
+    _upload(client, "busy.jsonl", [_chat(1)])
+    path = str(settings.data_dir / "uploads" / "busy.jsonl")
+    running = add_task(client, TaskStatus.running, None, request={"resolved": {"dataset_paths": [path]}})
+    r = client.delete("/api/data/files", params={"file_path": "uploads/busy.jsonl"})
+    assert r.status_code == 409 and r.json()["error"]["details"]["task_id"] == running
+    client.app.state.store.transition(running, TaskStatus.succeeded, (TaskStatus.running,))
+    assert client.delete("/api/data/files", params={"file_path": "uploads/busy.jsonl"}).status_code == 200

@@ -305,9 +305,9 @@ def resume_point(stages: list[Stage], resolved: dict[str, Any]) -> tuple[int, st
     checkpoint = Path(explicit) if explicit else latest_checkpoint(stages[start].output_dir)
     if checkpoint is not None and len(stages) > 1:
         owner = next((s.index for s in stages if checkpoint.parent == s.output_dir), None)
-        if owner is not None:
+        if owner is not None and owner >= start:
             start = owner
-        elif start > 0:
+        elif start > 0:  # a finished stage's checkpoint, or one from elsewhere: go on with the next stage
             checkpoint = None
     return start, str(checkpoint) if checkpoint else None
 
