@@ -18,6 +18,7 @@ from controller import eval as eval_routes
 from controller.auth import key_digests, require_api_key
 from controller.errors import install_error_handlers
 from service.data import DataService
+from service.engine import EngineConfig
 from service.eval import EvalService
 from service.export import ExportService
 from service.inference import InferenceService
@@ -51,7 +52,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.export_service = ExportService(settings, runner)
         app.state.eval_service = EvalService(settings, runner)
         app.state.run_service = RunService(settings, store)
-        app.state.model_cache = ModelCache(settings.inference.cache_size)
+        app.state.model_cache = ModelCache(
+            settings.inference.cache_size, EngineConfig.from_settings(settings.inference)
+        )
         app.state.inference_service = InferenceService(settings, store, app.state.model_cache)
         app.state.device = device_info()
         app.state.started = time.monotonic()

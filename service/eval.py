@@ -18,6 +18,7 @@ from entity.inference import ChatRequest
 from entity.task import TaskKind, TaskRow
 from service import models
 from service.data import load_conversations, read_records
+from service.engine import EngineConfig
 from service.jobs import JobRunner
 from service.models import LoadedModel, ModelCache
 from service.tasks import TaskStore
@@ -207,7 +208,7 @@ def evaluate_model(
     """Every requested metric of one model, and its per-example predictions."""
     from service.inference import InferenceService
 
-    cache = ModelCache(1)
+    cache = ModelCache(1, EngineConfig.from_settings(settings.inference))
     loaded = cache.get(path)
     metrics: dict[str, Any] = {}
     done, total = progress
@@ -263,6 +264,7 @@ def evaluate_model(
             metrics["rouge_l"] = rouge_l(preds, refs)
     done += 1
     store.update_progress(task_id, current_step=done, total_steps=total, progress=round(100 * done / total, 1))
+    cache.close()  # stop the engine's thread and free the model before the next one loads
     return metrics, predictions
 
 

@@ -61,3 +61,15 @@ def validation_message(errors: Sequence[Any]) -> str:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
         parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     return "; ".join(parts) or "invalid request"
+
+
+class OverloadedError(AppError):
+    """The server is at capacity; the client should retry after a pause."""
+
+    status_code = 429
+    error_type = "overloaded"
+
+    def __init__(self, message: str, retry_after: int = 1, details: Any = None) -> None:
+        """Store the message and the Retry-After seconds."""
+        super().__init__(message, details)
+        self.headers = {"Retry-After": str(retry_after)}
