@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from entity.runs import ChatExample, ForwardBackwardRequest, OptimStepRequest, RunRow, RunStatus, SampleRequest
 from service import models
+from service.engine import Engine, EngineConfig, SamplingParams
 from service.runs import RunStore, checkpoint_dir
 from service.tasks import make_engine
 from service.train.fused_lora import fuse_lora_layers
@@ -139,44 +140,44 @@ class RunState:
             ]
         if any(not p for p in prompts):
             raise JobError("a prompt is empty")
-        pad = self.tokenizer.pad_token_id
-        ids, mask = models.left_pad(prompts, pad, self.device)
-        width = ids.shape[1]
-        eos = sorted(models.eos_ids(self.model, self.tokenizer))
-        greedy = req.temperature == 0
-        if req.seed is not None:
-            torch.manual_seed(req.seed)
-        self.model.eval()
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=req.max_tokens,
-                do_sample=not greedy,
-                temperature=None if greedy else req.temperature,
-                top_p=None if greedy else req.top_p,
-                top_k=None,
-                num_return_sequences=req.num_samples,
-                pad_token_id=pad,
-                eos_token_id=eos,
-                return_dict_in_generate=True,
-                output_logits=True,
+        eos = models.eos_ids(self.model, self.tokenizer)
+        rows = [p for p in prompts for _ in range(req.num_samples)]
+        params = [
+            SamplingParams(
+                max_tokens=req.max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=None if req.seed is None else req.seed + j,
             )
-        new = out.sequences[:, width:]
-        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            for _ in prompts
+            for j in range(req.num_samples)
+        ]
+        # An engine just for this call, with a KV cache sized to it: the run's training keeps the rest of the memory.
+        page = 256 if self.device == "cuda" else 32
+        blocks = sum(-(-(len(p) + req.max_tokens) // page) for p in rows) + 2
+        engine = Engine(
+            self.model, self.tokenizer, eos, EngineConfig(max_running=min(64, len(rows)), num_blocks=blocks)
+        )
+        self.model.eval()
+        engine.start()
+        try:
+            done = engine.generate(rows, params)
+        finally:
+            engine.close()
+        failed = next((d.error for d in done if d.error), None)
+        if failed:
+            raise JobError(f"sampling failed: {failed}")
         results: list[dict[str, Any]] = []
         for i in range(len(prompts)):
             samples = []
             for j in range(req.num_samples):
-                row = i * req.num_samples + j
-                tokens = new[row].tolist()
-                end = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))
+                d = done[i * req.num_samples + j]
                 samples.append(
                     {
-                        "text": self.tokenizer.decode(tokens[:end], skip_special_tokens=True),
-                        "tokens": tokens[:end],
-                        "logprobs": [round(float(x), 6) for x in logprobs[row, :end]],
-                        "finish_reason": "stop" if end < len(tokens) or tokens[end - 1] in eos else "length",
+                        "text": d.text,
+                        "tokens": d.token_ids,
+                        "logprobs": [round(float(x), 6) for x in d.logprobs],
+                        "finish_reason": d.finish_reason,
                     }
                 )
             results.append({"prompt_tokens": len(prompts[i]), "samples": samples})
