@@ -182,7 +182,8 @@ class Engine:
         runner = processor.model_runner
         runner.logit_processor = self.logits_args
         processor.logit_processor = self.logits_args
-        self.sampler = EngineSampler(self.logits_args, processor.cache.max_batch_tokens + 1, self.model.device)
+        graphs = any(self.manager.continuous_batching_config.use_cuda_graph or ())
+        self.sampler = EngineSampler(self.logits_args, processor.cache.max_batch_tokens + 1, self.model.device, graphs)
         runner._sample = self.sampler
         original_update = processor.update_batch
 

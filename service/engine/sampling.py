@@ -35,6 +35,7 @@ class EngineLogitsArgs(ContinuousBatchingLogitsProcessorList):
         """No classic processors: all per-request work happens in `engine_sample`."""
         super().__init__(LogitsProcessorList(), per_request_processors=False)
         self.tensors_required = ARG_ROWS
+        self.needs = {"sampling": True, "nucleus": True, "top": True}
         self.supported_keys = {"temperature": float, "top_p": float, "seed": int, "top_logprobs": int}
         self.ignored_keys = set()
         self.do_processing = True
@@ -51,6 +52,12 @@ class EngineLogitsArgs(ContinuousBatchingLogitsProcessorList):
             return arg_storage
         kw = [s.logit_processor_kwargs for s in rows]
         n = len(rows)
+        # What this step needs; the sampler skips the rest where it may branch (no CUDA graph being replayed).
+        self.needs = {
+            "sampling": any(float(k.get("temperature", 0.0)) > 0 for k in kw),
+            "nucleus": any(float(k.get("top_p", 1.0)) < 1 for k in kw),
+            "top": any(int(k.get("top_logprobs", 0)) > 0 for k in kw),
+        }
         arg_storage[0, :n] = _f32_bits([float(k.get("temperature", 0.0)) for k in kw]).to(arg_storage.device)
         arg_storage[1, :n] = _f32_bits([float(k.get("top_p", 1.0)) for k in kw]).to(arg_storage.device)
         # position_offset already counts this step's tokens, so it names the position of the token being sampled.
@@ -82,40 +89,53 @@ def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, vocab: int) -> torc
     return -torch.log(-torch.log(u))
 
 
-def sample_rows(logits: torch.Tensor, args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next token, its raw logprob and the raw log-softmax of each row of `logits` [rows, vocab]."""
+def sample_rows(
+    logits: torch.Tensor, args: torch.Tensor, sampling: bool = True, nucleus: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next token, its raw logprob and the raw log-softmax of each row of `logits` [rows, vocab].
+
+    `sampling=False` / `nucleus=False` skip work no row needs (only where the step is not a replayed CUDA graph).
+    """
     n = logits.shape[0]
     temperature = args[0, :n].view(torch.float32)
     top_p = args[1, :n].view(torch.float32)
     logprobs = torch.log_softmax(logits, dim=-1)
-    greedy = temperature <= 0
-    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)
-    # Nucleus: keep the smallest set of most likely tokens whose probability reaches top_p (the first always stays).
-    sorted_scores, order = torch.sort(scaled, dim=-1, descending=True)
-    cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
-    drop_sorted = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= top_p.unsqueeze(1)
-    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-    noisy = scaled.masked_fill(drop, float("-inf")) + gumbel_noise(args[2, :n], args[3, :n], logits.shape[1])
-    tokens = torch.where(greedy, logits.argmax(dim=-1), noisy.argmax(dim=-1))
+    tokens = logits.argmax(dim=-1)
+    if sampling:
+        greedy = temperature <= 0
+        scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)
+        if nucleus:
+            # Keep the smallest set of most likely tokens whose probability reaches top_p (the first always stays).
+            sorted_scores, order = torch.sort(scaled, dim=-1, descending=True)
+            probs = torch.softmax(sorted_scores, dim=-1)
+            drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)
+            scaled = scaled.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
+        noisy = scaled + gumbel_noise(args[2, :n], args[3, :n], logits.shape[1])
+        tokens = torch.where(greedy, tokens, noisy.argmax(dim=-1))
     return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1), logprobs
 
 
 class EngineSampler:
     """Replaces a ModelRunner's `_sample`: per-row sampling, raw logprobs, and the top logprobs of each row."""
 
-    def __init__(self, logits_args: EngineLogitsArgs, max_rows: int, device: torch.device) -> None:
-        """Allocate static buffers for the top logprobs of up to `max_rows` rows."""
+    def __init__(self, logits_args: EngineLogitsArgs, max_rows: int, device: torch.device, graphs: bool) -> None:
+        """Allocate static buffers for the top logprobs of up to `max_rows` rows; `graphs`: steps are replayed."""
         self.logits_args = logits_args
+        self.graphs = graphs
         self.top_ids = torch.zeros((max_rows, TOP_LOGPROBS_MAX), dtype=torch.int64, device=device)
         self.top_values = torch.zeros((max_rows, TOP_LOGPROBS_MAX), dtype=torch.float32, device=device)
 
     def __call__(self, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
         """Sample from `scores` [1, rows, vocab] into output_ids[0] (tokens) and output_ids[1] (logprob bits)."""
         logits = scores[0]
-        tokens, chosen, logprobs = sample_rows(logits, self.logits_args.current_args)
+        needs = {"sampling": True, "nucleus": True, "top": True} if self.graphs else self.logits_args.needs
+        tokens, chosen, logprobs = sample_rows(
+            logits, self.logits_args.current_args, needs["sampling"], needs["nucleus"]
+        )
         n = tokens.shape[0]
-        values, ids = torch.topk(logprobs, min(TOP_LOGPROBS_MAX, logprobs.shape[1]), dim=-1)
-        self.top_values[:n, : values.shape[1]].copy_(values)
-        self.top_ids[:n, : ids.shape[1]].copy_(ids)
+        if needs["top"]:
+            values, ids = torch.topk(logprobs, min(TOP_LOGPROBS_MAX, logprobs.shape[1]), dim=-1)
+            self.top_values[:n, : values.shape[1]].copy_(values)
+            self.top_ids[:n, : ids.shape[1]].copy_(ids)
         output_ids[0, :n].copy_(tokens)
         output_ids[1, :n].copy_(chosen.view(torch.int32))
