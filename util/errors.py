@@ -73,3 +73,10 @@ class OverloadedError(AppError):
         """Store the message and the Retry-After seconds."""
         super().__init__(message, details)
         self.headers = {"Retry-After": str(retry_after)}
+
+
+class InvalidOutputError(AppError):
+    """The model's answer does not satisfy what the request required (e.g. a JSON object)."""
+
+    status_code = 422
+    error_type = "invalid_output"
