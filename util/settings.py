@@ -74,6 +74,7 @@ class InferenceSettings(BaseModel):
     max_batch_tokens: int | None = Field(None, ge=16)
     kv_cache_blocks: int | None = Field(None, ge=1)
     cuda_graphs: bool | None = None
+    graph_kv_padding: int | None = Field(None, ge=16)
 
 
 class RunSettings(BaseModel):
