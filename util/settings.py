@@ -75,6 +75,7 @@ class InferenceSettings(BaseModel):
     kv_cache_blocks: int | None = Field(None, ge=1)
     cuda_graphs: bool | None = None
     graph_kv_padding: int | None = Field(None, ge=16)
+    kv_cache_memory: float = Field(0.25, gt=0, le=0.95)
 
 
 class RunSettings(BaseModel):

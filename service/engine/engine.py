@@ -32,6 +32,7 @@ class EngineConfig:
     max_batch_tokens: int | None = None  # tokens per step (prefill chunks + decodes); None = the library's choice
     num_blocks: int | None = None  # KV-cache pages; None = sized from free memory (GPU) or a small default (CPU)
     cuda_graphs: bool | None = None  # None = on with CUDA (7x faster per step with sdpa on an H100), off on CPU
+    memory_fraction: float = 0.25  # of free GPU memory for the paged KV cache (training tasks share the GPU)
     graph_kv_padding: int | None = None  # KV length granularity of captured graphs; None = the library's (8192)
     retry_after_s: int = 1
 
@@ -45,6 +46,7 @@ class EngineConfig:
             num_blocks=inference.kv_cache_blocks,
             cuda_graphs=inference.cuda_graphs,
             graph_kv_padding=inference.graph_kv_padding,
+            memory_fraction=inference.kv_cache_memory,
         )
 
 
@@ -171,7 +173,7 @@ class Engine:
             use_cuda_graph=cfg.cuda_graphs if cfg.cuda_graphs is not None else (True if on_cuda else None),
             kv_padding_interval_size=cfg.graph_kv_padding or 0,
             allow_block_sharing=True,
-            max_memory_percent=0.7 if on_cuda else None,  # room for the sampler's vocabulary-sized temporaries
+            max_memory_percent=cfg.memory_fraction if on_cuda else None,
         )
         gen = GenerationConfig(
             do_sample=False, max_new_tokens=256, eos_token_id=sorted(self.eos_ids) or -1, pad_token_id=0
