@@ -145,6 +145,8 @@ def test_stream_error_mid_generation_becomes_error_event(client):
     assert "device lost" in events[-1][1]["message"]
     assert "done" not in [e for e, _ in events]
     assert client.get("/health").json()["inference"]["failed"] == 1
+    # The failed step stopped the engine's loop; the next request starts a fresh one.
+    assert _chat(client, max_tokens=3).status_code == 200
 
 
 def test_batch_is_one_generate_call_in_order_with_per_item_errors(client):
