@@ -21,6 +21,7 @@ from controller.docs import install_offline_docs
 from controller.errors import install_error_handlers
 from controller.openapi import TAGS, error_responses, install_openapi
 from service.data import DataService
+from service.engine import EngineConfig
 from service.eval import EvalService
 from service.export import ExportService
 from service.fine_tuning.files import FileService
@@ -60,7 +61,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.run_service = RunService(settings, store)
         app.state.output_file_service = OutputFileService(settings, store)
         app.state.tinker_service = TinkerService(settings, app.state.run_service)
-        app.state.model_cache = ModelCache(settings.inference.cache_size)
+        app.state.model_cache = ModelCache(
+            settings.inference.cache_size, EngineConfig.from_settings(settings.inference)
+        )
         app.state.inference_service = InferenceService(settings, store, app.state.model_cache)
         app.state.file_service = FileService(settings, store, app.state.data_service)
         app.state.fine_tuning_service = FineTuningService(app.state.train_service, runner, app.state.file_service)

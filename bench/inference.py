@@ -1,13 +1,12 @@
 """Measure inference through the service path against plain transformers.generate, in one run.
 
-Usage: python bench/inference.py [--model DIR] [--random-0.5b] [--max-tokens 128] [--batch 32] [--static]
+Usage: python bench/inference.py [--model DIR] [--random-0.5b] [--max-tokens 128] [--batch 32]
        [--json-out FILE]
 
 Measures on the current device (CUDA when present):
 - single-stream decode tokens/s: plain `model.generate` (the baseline) and the service's chat;
 - time to first token of the service's SSE stream (median of 5);
 - batch-N tokens/s: plain batched `generate` (baseline), the service's /batch, and a loop of N single chats;
-- with --static, the same service rows with `inference.static_kv_cache` on (compiled decode, CUDA only).
 `--random-0.5b` builds a Qwen2-0.5B-shaped model with random weights (SmolLM2's tokenizer and vocabulary),
 so decode lengths are fixed by max_tokens rather than by the model choosing to stop.
 """
@@ -130,14 +129,14 @@ async def measure(service: InferenceService, args: argparse.Namespace, label: st
     return rows
 
 
-def make_service(model_dir: Path, name: str, work: Path, static: bool) -> InferenceService:
+def make_service(model_dir: Path, name: str, work: Path) -> InferenceService:
     """An InferenceService as the server builds it, on a throwaway store."""
     settings = load_settings(
         None,
         {
             "paths": {"data_dir": work / "data", "model_dir": model_dir, "db_path": work / "tasks.db"},
             "models": {"base_model": name},
-            "inference": {"static_kv_cache": static, "max_tokens_limit": 4096, "max_batch_size": 256},
+            "inference": {"max_tokens_limit": 4096, "max_batch_size": 256},
         },
     )
     return InferenceService(settings, TaskStore(settings.paths.db_path), ModelCache(1))
@@ -152,7 +151,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
         build_qwen_05b(src, model_dir / "base" / name)
     else:
         model_dir, name = src.parent.parent, src.name
-    service = make_service(model_dir, name, work, static=False)
+    service = make_service(model_dir, name, work)
     texts = prompts(args.batch)
     plain_generate(service, texts[:1], 8)  # load and warm up both shapes
     plain_generate(service, texts, 8)
@@ -164,10 +163,6 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     base_bn = n / s
     rows.append({"row": f"plain generate: batch-{args.batch} (baseline)", "tokens_per_s": round(base_bn, 1)})
     rows += await measure(service, args, "service")
-    if args.static:
-        static = make_service(model_dir, name, work, static=True)
-        static.cache = service.cache  # same loaded model
-        rows += await measure(static, args, "service+static cache")
     for row in rows:
         if "tokens_per_s" in row:
             base = base_b1 if ("single" in row["row"] and "loop" not in row["row"]) else base_bn
@@ -182,7 +177,6 @@ def main() -> None:
     parser.add_argument("--random-0.5b", dest="random_05b", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--static", action="store_true", help="also measure the static KV cache (CUDA)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
     device, dtype = pick_device()

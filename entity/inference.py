@@ -2,7 +2,7 @@
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from entity.common import Seed, Temperature
 
@@ -125,14 +125,35 @@ class OpenAIMessage(BaseModel):
         return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
 
 
+JSON_INSTRUCTION = "Answer with one valid JSON object and nothing else: no prose, no code fences."
+
+
 class StreamOptions(BaseModel):
     """OpenAI stream options."""
 
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: plain text, or a JSON object (instructed, then parse-checked)."""
+
+    type: Literal["text", "json_object"] = Field(
+        ..., description="`json_schema` is not supported (422); `json_object` answers are checked to parse."
+    )
+
+
+# Options OpenAI accepts that this server does not implement: naming one gets a 422, never a silent no-op.
+UNSUPPORTED_OPTIONS = (
+    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "logit_bias", "audio",
+    "modalities", "prediction", "web_search_options", "reasoning_effort", "service_tier", "store", "metadata",
+    "verbosity", "prompt_cache_key", "safety_identifier",
+)  # fmt: skip
+
+
 class OpenAIChatRequest(BaseModel):
-    """Body of POST /v1/chat/completions (the subset a local model can honour)."""
+    """Body of POST /v1/chat/completions: every option is honoured or refused with a 422 that names it."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str
     messages: list[OpenAIMessage] = Field(..., min_length=1)
@@ -142,38 +163,57 @@ class OpenAIChatRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: Seed | None = None
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    n: int = Field(1, ge=1, le=16, description="Choices per request; each is its own engine request.")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_silent_options(cls, data: Any) -> Any:
+        """Refuse options that would otherwise be ignored, naming each one."""
+        if not isinstance(data, dict):
+            return data
+        known = set(cls.model_fields)
+        for key, value in data.items():
+            if value is None:
+                continue
+            if key in UNSUPPORTED_OPTIONS or key not in known:
+                raise ValueError(f"the option '{key}' is not supported by this server")
+        for key in ("presence_penalty", "frequency_penalty"):
+            if data.get(key):
+                raise ValueError(f"the option '{key}' is not supported by this server (only 0 is accepted)")
+        fmt = data.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            raise ValueError("the option 'response_format' of type 'json_schema' is not supported; use json_object")
+        if data.get("top_logprobs") and not data.get("logprobs"):
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
+        return data
+
+    @property
+    def wants_json(self) -> bool:
+        """Whether the answer must be a JSON object."""
+        return self.response_format is not None and self.response_format.type == "json_object"
+
     def to_chat(self, base_model: str) -> ChatRequest:
         """Translate to our chat request (OpenAI's defaults: temperature 1, top_p 1)."""
+        messages = [m.to_chat() for m in self.messages]
+        if self.wants_json:
+            messages.insert(0, ChatMessage(role="system", content=JSON_INSTRUCTION))
         return ChatRequest(
             model=None if self.model == base_model else self.model,
-            messages=[m.to_chat() for m in self.messages],
+            messages=messages,
             max_tokens=self.max_completion_tokens or self.max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             stop=self.stop,
             seed=self.seed,
         )
-
-
-class OpenAIModel(BaseModel):
-    """One entry of GET /v1/models."""
-
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-
-
-class OpenAIModelList(BaseModel):
-    """Answer of GET /v1/models."""
-
-    object: Literal["list"] = "list"
-    data: list[OpenAIModel]
 
 
 class OpenAIUsage(BaseModel):
@@ -192,11 +232,11 @@ class OpenAIAssistantMessage(BaseModel):
 
 
 class OpenAIChoice(BaseModel):
-    """The one choice of a completion."""
+    """One choice of a completion (`n` of them)."""
 
     index: int = 0
     message: OpenAIAssistantMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = Field(None, description="With `logprobs`: OpenAI's {content: [...]} object.")
     finish_reason: FinishReason
 
 

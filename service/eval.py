@@ -20,6 +20,7 @@ from entity.inference import ChatRequest
 from entity.task import TaskKind, TaskRow
 from service import models
 from service.data import load_conversations, read_records
+from service.engine import EngineConfig
 from service.jobs import JobRunner
 from service.models import LoadedModel, ModelCache
 from service.tasks import TaskStore
@@ -245,7 +246,7 @@ def evaluate_model(
     """Every requested metric of one model, and its per-example predictions."""
     from service.inference import InferenceService
 
-    cache = ModelCache(1)
+    cache = ModelCache(1, EngineConfig.from_settings(settings.inference))
     loaded = cache.get(path)
     metrics: dict[str, Any] = {}
     if {"loss", "perplexity"} & set(req.metrics):
@@ -274,9 +275,11 @@ def evaluate_model(
                 )
             )
         answers = []
-        for start in range(0, len(requests), req.batch_size):  # one batch at a time, so progress moves per record
-            chunk = requests[start : start + req.batch_size]
-            answers += service.answer_many(chunk, req.batch_size, path)
+        # The engine decodes up to max_concurrent_generations answers together; progress moves once per such chunk.
+        step = max(req.batch_size, settings.inference.max_concurrent_generations)
+        for start in range(0, len(requests), step):
+            chunk = requests[start : start + step]
+            answers += service.answer_many(chunk, step, path)
             progress.advance(len(chunk))
         for i, (conv, answer) in enumerate(zip(conversations, answers, strict=True)):
             prompt, reference = split_turns(conv)
@@ -302,6 +305,7 @@ def evaluate_model(
             metrics["bleu"] = bleu(preds, refs)
         if "rouge_l" in req.metrics:
             metrics["rouge_l"] = rouge_l(preds, refs)
+    cache.close()  # stop the engine's thread and free the model before the next one loads
     return metrics, predictions
 
 

@@ -1,30 +1,28 @@
-"""Inference: chat, streaming, true batched generation and the model list, on the shared model cache."""
+"""Inference: chat, streaming, batches and the model list, all on each loaded model's continuous-batching engine."""
 
 import asyncio
-import contextlib
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
 from pydantic import ValidationError
 
 from entity.inference import BatchItem, BatchResponse, ChatRequest, ChatResponse, ItemError, Usage
 from entity.task import TaskKind, TaskStatus
 from service import models
+from service.engine import Completion, Delta, SamplingParams, TextAssembler
+from service.engine.engine import RequestStream
 from service.models import LoadedModel, ModelCache
 from service.tasks import TaskStore
 from util.errors import AppError, InvalidInputError, validation_message
 from util.settings import Settings
 
-log = logging.getLogger(__name__)
+__all__ = ["InferenceService", "Prepared", "TextAssembler"]
 
-_END = object()
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,140 +34,47 @@ class Prepared:
     loaded: LoadedModel
     prompt_ids: list[int]
     max_new_tokens: int
+    top_logprobs: int = 0
 
     @property
-    def sampling_key(self) -> tuple[Any, ...]:
-        """Requests with equal keys can share one generate() call."""
-        greedy = self.request.temperature == 0
-        return (
-            id(self.loaded),
-            greedy,
-            None if greedy else self.request.temperature,
-            None if greedy else self.request.top_p,
-            None if greedy else self.request.seed,
+    def params(self) -> SamplingParams:
+        """The engine's sampling parameters of this request."""
+        req = self.request
+        return SamplingParams(
+            max_tokens=self.max_new_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=list(req.stop or []),
+            top_logprobs=self.top_logprobs,
         )
 
 
-@dataclass
-class TextAssembler:
-    """Turns generated token ids into text pieces, holding back text that may start a stop string."""
-
-    tokenizer: Any
-    stops: list[str]
-    eos_ids: set[int]
-    ids: list[int] = field(default_factory=list)
-    sent: int = 0
-    stopped_by: str | None = None  # "eos" or "stop" once the answer is complete
-
-    def add(self, token_ids: list[int]) -> str:
-        """Take new tokens and return the text that is now safe to send."""
-        for tok in token_ids:
-            if self.stopped_by:
-                break
-            self.ids.append(tok)
-            if tok in self.eos_ids:
-                self.stopped_by = "eos"
-        text = self._text()
-        if text.endswith("\ufffd") and not self.stopped_by:
-            return ""  # half of a multi-byte character: wait for the rest
-        cut = self._stop_at(text)
-        if cut is not None:
-            self.stopped_by = "stop"
-            end = cut
-        elif self.stopped_by:
-            end = len(text)
-        else:
-            end = max(self.sent, len(text) - max((len(s) for s in self.stops), default=1) + 1)
-        piece, self.sent = text[self.sent : end], max(self.sent, end)
-        return piece
-
-    def finish(self) -> str:
-        """The rest of the text once generation is over."""
-        text = self._text()
-        cut = self._stop_at(text)
-        if cut is not None:
-            self.stopped_by = "stop"
-        end = len(text) if cut is None else cut
-        piece, self.sent = text[self.sent : end], max(self.sent, end)
-        return piece
-
-    @property
-    def finish_reason(self) -> str:
-        """'stop' for an end-of-sequence token or a stop string, else 'length'."""
-        return "stop" if self.stopped_by else "length"
-
-    def _text(self) -> str:
-        """The decoded answer so far, without special tokens."""
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def _stop_at(self, text: str) -> int | None:
-        """Where the earliest stop string starts, if any occurs."""
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        return min(hits) if hits else None
-
-
-class _QueueStreamer:
-    """A generate() streamer that hands each step's new tokens to an asyncio queue (skips the prompt)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
-        """Bind to the event loop that consumes the tokens."""
-        self.loop = loop
-        self.queue = queue
-        self.prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        """Called by generate() with the prompt first, then with each new token."""
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        """Generation ended (normally)."""
-
-
-def _stopping_criteria(loaded: LoadedModel, rows: list[Prepared], prompt_len: int, cancel: threading.Event) -> Any:
-    """Per-row stop: the client went away (all rows), or a row's own stop string appeared."""
-    import torch
-    from transformers import StoppingCriteria
-
-    stops = [r.request.stop or [] for r in rows]
-    window = max((len(s) for row in stops for s in row), default=0) + 8
-
-    class RowStops(StoppingCriteria):
-        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kw: Any) -> torch.BoolTensor:
-            done = torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-            if cancel.is_set() or not any(stops):
-                return done
-            for i, row_stops in enumerate(stops):
-                if row_stops:
-                    tail = loaded.tokenizer.decode(input_ids[i, prompt_len:][-window:], skip_special_tokens=True)
-                    done[i] = any(s in tail for s in row_stops)
-            return done
-
-    return RowStops()
-
-
 class InferenceService:
-    """Serves chat on cached models: one request, a stream, or a batch sharing generate() calls."""
+    """Serves chat on cached models through their engines: one request, a stream, or a batch."""
 
     def __init__(self, settings: Settings, store: TaskStore, cache: ModelCache) -> None:
         """Bind to settings, the task store (train task ids as models) and the model cache."""
         self.settings = settings
         self.store = store
         self.cache = cache
-        limit = settings.inference.max_concurrent_generations
-        self._slots = asyncio.Semaphore(limit)
-        # Compiled CUDA graphs (static KV cache) belong to the thread that captured them: use one thread then.
-        workers = 1 if settings.inference.static_kv_cache else limit
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generate")
-        self._rng_lock = threading.Lock()  # sampling uses torch's global RNG; a seed must not be disturbed
-        self._stats_lock = threading.Lock()
-        self.stats = {"queued": 0, "active": 0, "completed": 0, "cancelled": 0, "failed": 0, "generate_calls": 0}
+        self._counts = {"completed": 0, "cancelled": 0, "failed": 0, "generate_calls": 0}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Request outcomes plus the engines' counters (decode steps, tokens, running and waiting requests)."""
+        totals = {"decode_steps": 0, "generated_tokens": 0, "running": 0, "waiting": 0, "rejected": 0}
+        for loaded in self.cache.loaded_models():
+            if loaded.engine is not None:
+                for key, value in loaded.engine.counters().items():
+                    if key in totals:
+                        totals[key] += value
+        # "active"/"queued" keep their earlier meaning: generating now / admitted but not yet generating.
+        return {**self._counts, **totals, "active": totals["running"], "queued": totals["waiting"]}
 
     def close(self) -> None:
-        """Stop taking generation work; running generations end on their own."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop every engine (the lifespan's shutdown)."""
+        self.cache.close()
 
     # -- request preparation ------------------------------------------------------------------
     def prepare(self, req: ChatRequest, path: Path | None = None) -> Prepared:
@@ -202,179 +107,121 @@ class InferenceService:
         return await asyncio.to_thread(self.prepare, req)
 
     # -- generation ---------------------------------------------------------------------------
-    def _generate(
-        self, rows: list[Prepared], cancel: threading.Event | None = None, streamer: Any = None
-    ) -> list[list[int]]:
-        """One generate() call for rows sharing a model and sampling settings; new token ids per row."""
-        import torch
-        from transformers import GenerationConfig
+    def _count(self, key: str, delta: int = 1) -> None:
+        """Adjust a request-outcome counter shown by /health."""
+        self._counts[key] += delta
 
-        loaded, first = rows[0].loaded, rows[0].request
-        pad_id = loaded.tokenizer.pad_token_id
-        input_ids, mask = models.left_pad([r.prompt_ids for r in rows], pad_id, loaded.device)
-        width = input_ids.shape[1]
-        greedy = first.temperature == 0
-        config = GenerationConfig(
-            # A long prompt next to a long answer must still fit the context; such rows end with "length".
-            max_new_tokens=min(max(r.max_new_tokens for r in rows), loaded.context_length - width),
-            do_sample=not greedy,
-            temperature=None if greedy else first.temperature,
-            top_p=None if greedy else first.top_p,
-            top_k=None,
-            pad_token_id=pad_id,
-            eos_token_id=sorted(loaded.eos_token_ids),
-        )
-        kwargs: dict[str, Any] = {
-            "past_key_values": self._static_cache(loaded, width + config.max_new_tokens),
-            "input_ids": input_ids,
-            "attention_mask": mask,
-            "generation_config": config,
-            "stopping_criteria": [_stopping_criteria(loaded, rows, width, cancel or threading.Event())],
-            "streamer": streamer,
-        }
-        with self._stats_lock:
-            self.stats["generate_calls"] += 1
-        with torch.inference_mode(), self._rng_lock if not greedy else contextlib.nullcontext():
-            if not greedy and first.seed is not None:
-                torch.manual_seed(first.seed)
-            out = loaded.model.generate(**kwargs)
-        new = out[:, width:].tolist()
-        return [ids[: r.max_new_tokens] for ids, r in zip(new, rows, strict=True)]
-
-    def _static_cache(self, loaded: LoadedModel, length: int) -> Any:
-        """A StaticCache (which makes generate() compile the decode step) when enabled on CUDA, else None."""
-        if not (self.settings.inference.static_kv_cache and loaded.device == "cuda"):
-            return None
-        from transformers import StaticCache
-
-        # Round the length up to a power of two so a few compiled shapes serve every request.
-        bucket = max(256, 1 << (length - 1).bit_length())
-        return StaticCache(config=loaded.model.config, max_cache_len=min(bucket, loaded.context_length))
-
-    def _respond(self, row: Prepared, ids: list[int], started: float) -> ChatResponse:
-        """Build the answer of one row from its generated tokens."""
-        asm = TextAssembler(row.loaded.tokenizer, row.request.stop or [], row.loaded.eos_token_ids)
-        # With stop strings, feed token by token so the count stops at the token that completed one.
-        chunks = [[t] for t in ids] if asm.stops else [ids]
-        content = "".join(asm.add(chunk) for chunk in chunks if not asm.stopped_by) + asm.finish()
+    @staticmethod
+    def _response(row: Prepared, done: Completion, started: float) -> ChatResponse:
+        """Build the answer of one row from its finished engine request."""
         return ChatResponse(
             model=row.model_name,
-            content=content,
-            finish_reason=asm.finish_reason,
-            usage=Usage(prompt_tokens=len(row.prompt_ids), completion_tokens=len(asm.ids)),
+            content=done.text,
+            finish_reason="stop" if done.finish_reason == "stop" else "length",
+            usage=Usage(prompt_tokens=len(row.prompt_ids), completion_tokens=len(done.token_ids)),
             latency_ms=round((time.perf_counter() - started) * 1000, 1),
         )
 
-    def _count(self, key: str, delta: int = 1) -> None:
-        """Adjust a counter of the stats shown by /health."""
-        with self._stats_lock:
-            self.stats[key] += delta
+    async def complete(self, row: Prepared) -> Completion:
+        """Run one prepared request to its end on the engine (text, tokens, logprobs)."""
+        deltas: list[Delta] = []
+        async for delta in self.deltas(row):
+            deltas.append(delta)
+        last = deltas[-1]
+        if last.error:
+            raise RuntimeError(last.error)
+        return Completion(
+            text="".join(d.text for d in deltas),
+            token_ids=[t for d in deltas for t in d.token_ids],
+            logprobs=[v for d in deltas for v in d.logprobs],
+            top_logprobs=[v for d in deltas for v in d.top_logprobs],
+            finish_reason=last.finish_reason or "length",
+            prompt_tokens=len(row.prompt_ids),
+        )
 
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """Wait (counted as queued) for one of the max_concurrent_generations slots."""
-        self._count("queued")
+    def deltas(self, row: Prepared) -> AsyncIterator[Delta]:
+        """Admit one request now (429 when the engine is full) and return its deltas, counted in /health."""
+        return self._counted(row.loaded.engine.open_stream(row.prompt_ids, row.params))
+
+    async def _counted(self, stream: RequestStream) -> AsyncIterator[Delta]:
+        """Pass deltas through, counting the outcome; leaving early cancels the request."""
+        finished = False
         try:
-            await self._slots.acquire()
+            async for delta in stream:
+                if delta.error:
+                    self._count("failed")
+                    finished = True
+                elif delta.finish_reason is not None:
+                    self._count("completed")
+                    finished = True
+                yield delta
         finally:
-            self._count("queued", -1)
-        try:
-            yield
-        finally:
-            self._slots.release()
-
-    async def _run_slot(self, fn: Callable[[], Any]) -> Any:
-        """Run blocking generation in a thread once a generation slot is free."""
-        async with self._slot():
-            self._count("active")
-            try:
-                return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-            except BaseException:
-                self._count("failed")
-                raise
-            finally:
-                self._count("active", -1)
-
-    def answer_many(self, requests: list[ChatRequest], batch_size: int, path: Path | None = None) -> list[ChatResponse]:
-        """Blocking: answer in order, same-setting requests sharing generate() calls of batch_size rows."""
-        started = time.perf_counter()
-        rows = [self.prepare(r, path) for r in requests]
-        answers: dict[int, ChatResponse] = {}
-        for indices in group_rows(dict(enumerate(rows))):
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                outputs = self._generate([rows[i] for i in chunk])
-                answers.update({i: self._respond(rows[i], ids, started) for i, ids in zip(chunk, outputs, strict=True)})
-        return [answers[i] for i in range(len(rows))]
+            stream.close()
+            if not finished:
+                self._count("cancelled")
 
     async def chat(self, req: ChatRequest) -> ChatResponse:
         """Answer one chat request."""
         started = time.perf_counter()
         row = await self.prepare_async(req)
-        ids = (await self._run_slot(lambda: self._generate([row])))[0]
-        self._count("completed")
-        return self._respond(row, ids, started)
+        return self._response(row, await self.complete(row), started)
 
-    async def stream(self, row: Prepared) -> AsyncIterator[dict[str, Any]]:
-        """Yield {"type": "delta"|"done"|"error", ...} as tokens are generated; stop when the consumer leaves."""
-        started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancel = threading.Event()
-        asm = TextAssembler(row.loaded.tokenizer, row.request.stop or [], row.loaded.eos_token_ids)
+    def stream(self, row: Prepared) -> AsyncIterator[dict[str, Any]]:
+        """Admit the request now (429 when full); its events: {"type": "delta"|"done"|"error", ...}."""
+        return self._events(row, self.deltas(row), time.perf_counter())
+
+    async def _events(
+        self, row: Prepared, deltas: AsyncIterator[Delta], started: float
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Events as tokens are generated; the generation stops when the consumer leaves."""
         first_token_ms: float | None = None
-
-        def work() -> list[int]:
-            try:
-                return self._generate([row], cancel, _QueueStreamer(loop, queue))[0]
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _END)
-
-        async with self._slot():
-            self._count("active")
-            future = loop.run_in_executor(self._executor, work)
-            finished = False
-            try:
-                while (item := await queue.get()) is not _END:
-                    if first_token_ms is None:
-                        first_token_ms = round((time.perf_counter() - started) * 1000, 1)
-                    if asm.stopped_by:
-                        cancel.set()  # a stop string ended the answer; no need to generate further
-                        continue
-                    piece = asm.add(item)
-                    if piece:
-                        yield {"type": "delta", "content": piece}
-                try:
-                    await future
-                except Exception as exc:
-                    log.exception("generation failed mid-stream")
-                    self._count("failed")
-                    finished = True
-                    yield {"type": "error", "message": f"{type(exc).__name__}: {exc}"}
+        completion_tokens = 0
+        try:
+            async for delta in deltas:
+                if delta.token_ids and first_token_ms is None:
+                    first_token_ms = round((time.perf_counter() - started) * 1000, 1)
+                completion_tokens += len(delta.token_ids)
+                if delta.error:
+                    yield {"type": "error", "message": delta.error}
                     return
-                tail = asm.finish()
-                if tail:
-                    yield {"type": "delta", "content": tail}
-                finished = True
-                self._count("completed")
-                yield {
-                    "type": "done",
-                    "finish_reason": asm.finish_reason,
-                    "usage": {"prompt_tokens": len(row.prompt_ids), "completion_tokens": len(asm.ids)},
-                    "latency_ms": round((time.perf_counter() - started) * 1000, 1),
-                    "time_to_first_token_ms": first_token_ms,
-                }
-            finally:
-                if not finished:
-                    self._count("cancelled")
-                cancel.set()  # the client left (or we are done): stop generating at the next token
-                # Hold the slot until the GPU work has really stopped, even while being cancelled.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(60), contextlib.suppress(Exception):
-                    await future
-                self._count("active", -1)
+                if delta.text:
+                    yield {"type": "delta", "content": delta.text}
+                if delta.finish_reason is not None:
+                    yield {
+                        "type": "done",
+                        "finish_reason": "stop" if delta.finish_reason == "stop" else "length",
+                        "usage": {"prompt_tokens": len(row.prompt_ids), "completion_tokens": completion_tokens},
+                        "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                        "time_to_first_token_ms": first_token_ms,
+                    }
+        except Exception as exc:
+            log.exception("generation failed mid-stream")
+            yield {"type": "error", "message": f"{type(exc).__name__}: {exc}"}
+        finally:
+            await deltas.aclose()  # type: ignore[attr-defined]  # the consumer left: cancel at the next step
+
+    def answer_many(
+        self, requests: list[ChatRequest], batch_size: int | None = None, path: Path | None = None
+    ) -> list[ChatResponse]:
+        """Blocking: answer in order; all requests join the engine's running batch (batch_size is the engine's)."""
+        started = time.perf_counter()
+        rows = [self.prepare(r, path) for r in requests]
+        answers: dict[int, ChatResponse] = {}
+        for indices in _by_engine(dict(enumerate(rows))):
+            done = self._generate([rows[i] for i in indices])
+            answers.update({i: self._response(rows[i], d, started) for i, d in zip(indices, done, strict=True)})
+        return [answers[i] for i in range(len(rows))]
+
+    def _generate(self, rows: list[Prepared]) -> list[Completion]:
+        """Blocking: rows of one model through its engine at once."""
+        self._count("generate_calls")
+        done = rows[0].loaded.engine.generate([r.prompt_ids for r in rows], [r.params for r in rows])
+        for d in done:
+            self._count("failed" if d.error else "completed")
+        return done
 
     async def batch(self, raw: list[dict[str, Any]]) -> BatchResponse:
-        """Answer many requests; those sharing a model and sampling settings share one generate() call."""
+        """Answer many requests; those of one model run in its engine together, whatever their settings."""
         started = time.perf_counter()
         limit = self.settings.inference.max_batch_size
         if len(raw) > limit:
@@ -393,19 +240,21 @@ class InferenceService:
             except AppError as exc:
                 items[i].error = ItemError(type=exc.error_type, message=exc.message, status_code=exc.status_code)
         calls = 0
-        for indices in group_rows(prepared):
+        for indices in _by_engine(prepared):
             rows = [prepared[i] for i in indices]
             try:
-                outputs = await self._run_slot(lambda rows=rows: self._generate(rows))
+                outputs = await asyncio.to_thread(self._generate, rows)
             except Exception as exc:
                 log.exception("batched generation failed")
                 for i in indices:
                     items[i].error = ItemError(type="generation_error", message=str(exc), status_code=500)
                 continue
             calls += 1
-            self._count("completed", len(rows))
-            for i, row, ids in zip(indices, rows, outputs, strict=True):
-                items[i].result = self._respond(row, ids, started)
+            for i, row, done in zip(indices, rows, outputs, strict=True):
+                if done.error:
+                    items[i].error = ItemError(type="generation_error", message=done.error, status_code=500)
+                else:
+                    items[i].result = self._response(row, done, started)
         latency = round((time.perf_counter() - started) * 1000, 1)
         return BatchResponse(results=items, generate_calls=calls, latency_ms=latency)
 
@@ -430,9 +279,9 @@ class InferenceService:
         return found
 
 
-def group_rows(rows: dict[int, Prepared]) -> list[list[int]]:
-    """Indices of rows that can share one generate() call (same model and sampling settings), in order."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
+def _by_engine(rows: dict[int, Prepared]) -> list[list[int]]:
+    """Indices of rows grouped by the engine (loaded model) that serves them, in order."""
+    groups: dict[int, list[int]] = {}
     for i, row in rows.items():
-        groups.setdefault(row.sampling_key, []).append(i)
+        groups.setdefault(id(row.loaded), []).append(i)
     return list(groups.values())

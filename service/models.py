@@ -17,6 +17,7 @@ from util.paths import is_within, resolve_client_path
 from util.settings import Settings
 
 if TYPE_CHECKING:
+    from service.engine import Engine, EngineConfig
     from service.tasks import TaskStore
 
 log = logging.getLogger(__name__)
@@ -347,6 +348,7 @@ class LoadedModel:
     dtype: str
     context_length: int
     eos_token_ids: set[int] = field(default_factory=set)
+    engine: "Engine | None" = None  # its continuous-batching engine, started at load when the cache has a config
 
 
 def context_length(model: Any, tokenizer: Any) -> int:
@@ -373,9 +375,12 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
 class ModelCache:
     """An LRU cache of served models keyed by (base, adapter, dtype, device); a model is loaded once."""
 
-    def __init__(self, size: int) -> None:
-        """Keep at most `size` models loaded."""
+    def __init__(self, size: int, engine_config: "EngineConfig | None" = None) -> None:
+        """Keep at most `size` models loaded; give each a running engine (default engine settings unless given)."""
+        from service.engine import EngineConfig
+
         self.size = size
+        self.engine_config = engine_config or EngineConfig()
         self.loads = 0
         self._items: OrderedDict[tuple[str, str | None, str, str], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
@@ -393,6 +398,19 @@ class ModelCache:
         with self._lock:
             return list(self._items)
 
+    def loaded_models(self) -> list[LoadedModel]:
+        """The models held now."""
+        with self._lock:
+            return list(self._items.values())
+
+    def close(self) -> None:
+        """Stop every engine and drop the models."""
+        with self._lock:
+            items, self._items = list(self._items.values()), OrderedDict()
+        for loaded in items:
+            if loaded.engine is not None:
+                loaded.engine.close()
+
     def get(self, path: Path) -> LoadedModel:
         """Return the loaded model for a folder, loading it (once, even under concurrency) if needed."""
         device, dtype = pick_device()
@@ -408,18 +426,28 @@ class ModelCache:
                     self._items.move_to_end(key)
                     return self._items[key]
             loaded = self._load(path, dtype, device)
+            self._start_engine(loaded)
             with self._lock:
                 self._items[key] = loaded
                 self.loads += 1
                 while len(self._items) > self.size:
-                    evicted, _ = self._items.popitem(last=False)
+                    evicted, old = self._items.popitem(last=False)
                     log.info("evicted %s from the model cache", evicted)
+                    if old.engine is not None:  # let its running requests finish, then stop its thread
+                        threading.Thread(target=old.engine.drain_and_close, daemon=True).start()
                 self._key_locks.pop(key, None)
         if device == "cuda":
             import torch
 
             torch.cuda.empty_cache()
         return loaded
+
+    def _start_engine(self, loaded: LoadedModel) -> None:
+        """Start the model's continuous-batching engine (CUDA graphs are captured here, not on a request)."""
+        from service.engine import Engine
+
+        loaded.engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, self.engine_config)
+        loaded.engine.start()
 
     @staticmethod
     def _load(path: Path, dtype: str, device: str) -> LoadedModel:

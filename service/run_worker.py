@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from entity.runs import ChatExample, ForwardBackwardRequest, OptimStepRequest, RunRow, RunStatus, SampleRequest
 from service import losses, models
+from service.engine import Engine, EngineConfig, SamplingParams
 from service.runs import RUN_STATE_KIND, RunStore, adopt_legacy_state, checkpoint_dir
 from service.tasks import make_engine
 from service.train.fused_lora import fuse_lora_layers
@@ -301,64 +302,49 @@ class RunState:
     ) -> list[list[dict[str, Any]]]:
         """The one sampling path: per prompt, num_samples dicts of tokens, logprobs and stop_reason.
 
-        Logprobs are the model's at temperature 1. The generation engine can replace this function later.
+        Logprobs are of the model's raw distribution (temperature 1), from the continuous-batching engine.
         """
-        pad = self.tokenizer.pad_token_id
-        ids, mask = models.left_pad(prompts, pad, self.device)
-        # One row per sample (greedy decoding refuses num_return_sequences > 1); rows i*n .. i*n+n-1 are prompt i's.
-        ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
-        width = ids.shape[1]
-        greedy = temperature == 0
-        if seed is not None:
-            torch.manual_seed(int(seed))
-        self.model.eval()
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_tokens,
-                do_sample=not greedy,
-                temperature=None if greedy else temperature,
-                top_p=None if greedy else top_p,
-                top_k=None if greedy or top_k <= 0 else top_k,
-                pad_token_id=pad,
-                eos_token_id=stop_ids or None,
-                stop_strings=stop_strings,
-                tokenizer=self.tokenizer if stop_strings else None,
-                return_dict_in_generate=True,
-                output_logits=True,
+        rows = [p for p in prompts for _ in range(num_samples)]
+        params = [
+            SamplingParams(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=max(0, top_k),
+                seed=None if seed is None else int(seed) + j,  # each sample of a seeded call its own stream
+                stop=list(stop_strings or []),
             )
-        new = out.sequences[:, width:]
-        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        stops = set(stop_ids)
+            for _ in prompts
+            for j in range(num_samples)
+        ]
+        # An engine just for this call, with a KV cache sized to it: the run's training keeps the rest of the memory.
+        page = 256 if self.device == "cuda" else 32
+        blocks = sum(-(-(len(p) + max_tokens) // page) for p in rows) + 2
+        config = EngineConfig(max_running=min(64, len(rows)), num_blocks=blocks)
+        engine = Engine(self.model, self.tokenizer, set(stop_ids), config)
+        self.model.eval()
+        engine.start()
+        try:
+            done = engine.generate(rows, params)
+        finally:
+            engine.close()
+        failed = next((d.error for d in done if d.error), None)
+        if failed:
+            raise JobError(f"sampling failed: {failed}")
         results: list[list[dict[str, Any]]] = []
         for i in range(len(prompts)):
             samples = []
             for j in range(num_samples):
-                row = i * num_samples + j
-                tokens = new[row].tolist()
-                end = next((k + 1 for k, t in enumerate(tokens) if t in stops), None)
-                if end is None and stop_strings:
-                    end = self._stop_string_end(tokens, stop_strings)
-                stopped = end is not None
-                end = end if end is not None else len(tokens)
+                d = done[i * num_samples + j]
                 samples.append(
                     {
-                        "tokens": tokens[:end],
-                        "logprobs": [float(x) for x in logprobs[row, :end]],
-                        "stop_reason": "stop" if stopped else "length",
+                        "tokens": d.token_ids,
+                        "logprobs": [float(x) for x in d.logprobs],
+                        "stop_reason": "stop" if d.finish_reason == "stop" else "length",
                     }
                 )
             results.append(samples)
         return results
-
-    def _stop_string_end(self, tokens: list[int], stop_strings: list[str]) -> int | None:
-        """The length of the shortest prefix of `tokens` whose text contains a stop string."""
-        for k in range(1, len(tokens) + 1):
-            text = self.tokenizer.decode(tokens[:k])
-            if any(s in text for s in stop_strings):
-                return k
-        return None
 
     def save_state(self, path: Path) -> dict[str, Any]:
         """Save the adapter (a PEFT folder with the tokenizer) and the optimizer state, atomically."""

@@ -88,3 +88,22 @@ class PermissionDeniedError(AppError):
 
     status_code = 403
     error_type = "permission_error"
+
+
+class OverloadedError(AppError):
+    """The server is at capacity; the client should retry after a pause."""
+
+    status_code = 429
+    error_type = "overloaded"
+
+    def __init__(self, message: str, retry_after: int = 1, details: Any = None) -> None:
+        """Store the message and the Retry-After seconds."""
+        super().__init__(message, details)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class InvalidOutputError(AppError):
+    """The model's answer does not satisfy what the request required (e.g. a JSON object)."""
+
+    status_code = 422
+    error_type = "invalid_output"

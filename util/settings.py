@@ -80,11 +80,16 @@ class InferenceSettings(BaseModel):
     """Serving limits and the loaded-model cache."""
 
     cache_size: int = Field(2, ge=1)
-    max_concurrent_generations: int = Field(4, ge=1)
+    max_concurrent_generations: int = Field(64, ge=1)
     max_tokens_limit: int = Field(2048, ge=1)
     default_max_tokens: int = Field(256, ge=1)
     max_batch_size: int = Field(64, ge=1)
-    static_kv_cache: bool = False
+    max_waiting: int = Field(256, ge=0)
+    max_batch_tokens: int | None = Field(None, ge=16)
+    kv_cache_blocks: int | None = Field(None, ge=1)
+    cuda_graphs: bool | None = None
+    graph_kv_padding: int | None = Field(None, ge=16)
+    kv_cache_memory: float = Field(0.25, gt=0, le=0.95)
 
 
 class RunSettings(BaseModel):
