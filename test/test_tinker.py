@@ -377,6 +377,7 @@ def _example(name: str):
 
     spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # chz resolves its config classes through sys.modules
     spec.loader.exec_module(module)
     return module
 
