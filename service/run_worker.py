@@ -31,6 +31,7 @@ from util.settings import Settings
 log = logging.getLogger(__name__)
 
 AUTOSAVE = "autosave"
+SAMPLER_DIR, EPHEMERAL, KEEP_SNAPSHOTS = "sampler_weights", "ephemeral-", 3  # Tinker's unnamed sampler saves
 IDLE_BACKOFF_AFTER = 5.0  # seconds without a job before polling slows down
 IDLE_POLL = 0.25
 
@@ -405,12 +406,25 @@ def execute(state: RunState, store: RunStore, kind: str, request: dict[str, Any]
         result = state.save_state(Path(request["path"]))
         rel = Path(request["path"]).relative_to(state.settings.model_dir).as_posix()
         store.add_checkpoint(state.run.id, request["name"], rel, state.steps)
+        if request.get("session"):
+            prune_session_snapshots(state, store)
         return {**result, "path": rel, "name": request["name"]}
     if kind == "load_state":
         result = state.load_state(Path(request["path"]), request["with_optimizer"])
         store.set_run(state.run.id, steps=state.steps)
         return result
     raise JobError(f"unknown job kind '{kind}'")
+
+
+def prune_session_snapshots(state: RunState, store: RunStore) -> None:
+    """Keep a run's newest KEEP_SNAPSHOTS unnamed sampler snapshots (one per RL iteration would pile up).
+
+    Jobs run in order, so every sample queued before this save has already used the older snapshots.
+    """
+    snapshots = [c for c in store.checkpoints(state.run.id) if c.name.startswith(f"{SAMPLER_DIR}/{EPHEMERAL}")]
+    for old in snapshots[KEEP_SNAPSHOTS:]:
+        shutil.rmtree(state.settings.model_dir / old.path, ignore_errors=True)
+        store.delete_checkpoint(state.run.id, old.name)
 
 
 def pause(state: RunState, store: RunStore, why: str) -> None:

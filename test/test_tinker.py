@@ -317,6 +317,19 @@ def test_rest_client_lists_runs_and_checkpoints_and_downloads_peft_weights(serve
     assert httpx.get(f"{server}/api/v1/files/not-a-token").status_code == 404
 
 
+def test_unnamed_sampler_snapshots_are_pruned_and_the_newest_still_samples(service, trained):
+    """Each save_weights_and_get_sampling_client is a snapshot; a run keeps its newest three."""
+    tc, _ = trained
+    samplers = [tc.save_weights_and_get_sampling_client().result() for _ in range(5)]
+    rest = service.create_rest_client()
+    paths = [c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints]
+    assert len([p for p in paths if "/sampler_weights/ephemeral-" in p]) == 3
+    out = samplers[-1].sample(types.ModelInput.from_ints(PROMPT), 1, types.SamplingParams(max_tokens=2)).result()
+    assert len(out.sequences[0].tokens) == 2
+    with pytest.raises(tinker.NotFoundError, match="does not exist"):  # the oldest snapshot is gone
+        samplers[0].sample(types.ModelInput.from_ints(PROMPT), 1, types.SamplingParams(max_tokens=2)).result()
+
+
 def test_bad_input_answers_clearly(server, service, trained, tok):
     rest = service.create_rest_client()
     with pytest.raises(tinker.NotFoundError):
@@ -377,6 +390,7 @@ def _example(name: str):
 
     spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # chz resolves its config classes through sys.modules
     spec.loader.exec_module(module)
     return module
 
