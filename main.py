@@ -13,16 +13,20 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from controller import data, export, health, inference, openai_api, runs, train
+from controller import data, export, files, health, inference, openai_api, runs, train
 from controller import eval as eval_routes
+from controller import ui as ui_routes
 from controller.auth import key_digests, require_api_key
+from controller.docs import install_offline_docs
 from controller.errors import install_error_handlers
+from controller.openapi import TAGS, error_responses, install_openapi
 from service.data import DataService
 from service.eval import EvalService
 from service.export import ExportService
 from service.inference import InferenceService
 from service.jobs import JobRunner
 from service.models import ModelCache, device_info
+from service.outputs import OutputFileService
 from service.runs import RunService
 from service.tasks import TaskStore
 from service.train.service import TrainService
@@ -51,6 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.export_service = ExportService(settings, runner)
         app.state.eval_service = EvalService(settings, runner)
         app.state.run_service = RunService(settings, store)
+        app.state.output_file_service = OutputFileService(settings, store)
         app.state.model_cache = ModelCache(settings.inference.cache_size)
         app.state.inference_service = InferenceService(settings, store, app.state.model_cache)
         app.state.device = device_info()
@@ -71,11 +76,17 @@ def create_app(settings: Settings) -> FastAPI:
         version=VERSION,
         description="Self-hosted LLM training management: data, training, inference and an OpenAI-compatible API.",
         lifespan=lifespan,
+        openapi_tags=TAGS,
+        docs_url=None,  # served by install_offline_docs from vendored assets (no CDN)
+        redoc_url=None,
     )
     install_error_handlers(app)
+    install_offline_docs(app)
+    ui_routes.install(app)  # /static, the dashboard pages at /ui (pages open; their data calls need a key)
     app.include_router(health.router)  # /health (like /docs) stays open
-    for module in (data, train, inference, openai_api, runs, export, eval_routes):
-        app.include_router(module.router, dependencies=[Depends(require_api_key)])
+    for module in (data, train, inference, openai_api, runs, export, eval_routes, files):
+        app.include_router(module.router, dependencies=[Depends(require_api_key)], responses=error_responses(401))
+    install_openapi(app)
     return app
 
 

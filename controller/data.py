@@ -1,22 +1,38 @@
 """Data routes: validate, process (normalise + split), and upload."""
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, File, Form, Query, UploadFile
 
 from controller.deps import DataServiceDep
-from entity.data import ProcessRequest, ProcessResponse, UploadResponse, ValidateRequest, ValidateResponse
+from controller.openapi import error_responses
+from entity import examples
+from entity.data import (
+    DataFileList,
+    DeleteResponse,
+    PreviewResponse,
+    ProcessRequest,
+    ProcessResponse,
+    UploadResponse,
+    ValidateRequest,
+    ValidateResponse,
+)
 from util.errors import InvalidInputError
 
 router = APIRouter(prefix="/api/data", tags=["data"])
 
 
-@router.post("/validate", response_model=ValidateResponse)
+@router.post(
+    "/validate",
+    response_model=ValidateResponse,
+    summary="Validate a dataset",
+    responses=error_responses(403, 404, 422),
+)
 def validate(
     service: DataServiceDep,
     file_path: Annotated[str | None, Query(description="Alternative to the JSON body's file_path.")] = None,
     max_length: Annotated[int | None, Query(ge=1)] = None,
-    body: Annotated[ValidateRequest | None, Body()] = None,
+    body: Annotated[ValidateRequest | None, Body(openapi_examples=examples.VALIDATE)] = None,
 ) -> ValidateResponse:
     """Check a chat dataset's records and measure their token lengths."""
     body = body or ValidateRequest()
@@ -26,13 +42,26 @@ def validate(
     return service.validate(path, body.max_length or max_length, body.model)
 
 
-@router.post("/process", response_model=ProcessResponse)
-def process(req: ProcessRequest, service: DataServiceDep) -> ProcessResponse:
-    """Normalise a dataset to messages JSONL and split it into train/val/test."""
+@router.post(
+    "/process",
+    response_model=ProcessResponse,
+    summary="Normalise and split a dataset",
+    responses=error_responses(403, 404, 409, 422),
+)
+def process(
+    req: Annotated[ProcessRequest, Body(openapi_examples=examples.PROCESS)], service: DataServiceDep
+) -> ProcessResponse:
+    """Normalise one or several datasets (merged, deduplicated) to messages JSONL and split into train/val/test."""
     return service.process(req)
 
 
-@router.post("/upload", response_model=UploadResponse, status_code=201)
+@router.post(
+    "/upload",
+    response_model=UploadResponse,
+    status_code=201,
+    summary="Upload a dataset",
+    responses=error_responses(409, 422),
+)
 def upload(
     service: DataServiceDep,
     file: Annotated[UploadFile, File(description="A JSON or JSONL dataset.")],
@@ -40,3 +69,31 @@ def upload(
 ) -> UploadResponse:
     """Store an uploaded dataset under the data dir's uploads/ folder."""
     return service.upload(file.filename or "", file.file, overwrite=overwrite)
+
+
+@router.get("/files", response_model=DataFileList)
+def files(
+    service: DataServiceDep, kind: Annotated[Literal["upload", "processed"] | None, Query()] = None
+) -> DataFileList:
+    """Uploaded and processed datasets under the data dir: size, record count and format."""
+    return service.list_files(kind)
+
+
+@router.get("/preview", response_model=PreviewResponse)
+def preview(
+    service: DataServiceDep,
+    file_path: Annotated[str, Query(description="Relative to the data dir, or absolute inside an allowed root.")],
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+) -> PreviewResponse:
+    """A page of a dataset's records, normalised to messages (unusable ones with the reason)."""
+    return service.preview(file_path, offset, limit)
+
+
+@router.delete("/files", response_model=DeleteResponse)
+def delete_upload(
+    service: DataServiceDep,
+    file_path: Annotated[str, Query(description="An uploaded file: uploads/<name> or <name>.")],
+) -> DeleteResponse:
+    """Delete an uploaded dataset (only files sent through /api/data/upload)."""
+    return service.delete_upload(file_path)

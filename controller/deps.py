@@ -9,6 +9,7 @@ from service.eval import EvalService
 from service.export import ExportService
 from service.inference import InferenceService
 from service.jobs import JobRunner
+from service.outputs import OutputFileService
 from service.runs import RunService
 from service.tasks import TaskStore
 from service.train.service import TrainService
@@ -69,3 +70,11 @@ InferenceServiceDep = Annotated[InferenceService, Depends(get_inference_service)
 ExportServiceDep = Annotated[ExportService, Depends(get_export_service)]
 EvalServiceDep = Annotated[EvalService, Depends(get_eval_service)]
 RunServiceDep = Annotated[RunService, Depends(get_run_service)]
+
+
+def get_output_file_service(request: Request) -> OutputFileService:
+    """The task output-file service."""
+    return request.app.state.output_file_service
+
+
+OutputFileServiceDep = Annotated[OutputFileService, Depends(get_output_file_service)]

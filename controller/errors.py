@@ -44,7 +44,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, type_, str(exc.detail), request=request)
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":  # no route matched: say which, and the usual cause
+            message = f"No route {request.method} {request.url.path}."
+            if request.url.path.endswith("/") or "//" in request.url.path:
+                message += " An id in the path is empty; was a shell variable such as $TASK_ID left unset?"
+            message += " /docs lists the routes."
+        return error_response(exc.status_code, type_, message, request=request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,16 +1,28 @@
 """Export routes: verified ONNX, merged LoRA weights, archives, and archive download."""
 
 import asyncio
+from typing import Annotated
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Body, Response
 from fastapi.responses import FileResponse
 
 from controller.deps import ExportServiceDep, SettingsDep, StoreDep
+from controller.openapi import error_responses
 from controller.tasks import queued_or_finished
-from entity.export import ArchiveExportRequest, ExportStarted, MergedExportRequest, OnnxExportRequest
-from entity.task import TaskOut, TaskRow
+from entity import examples
+from entity.export import (
+    ArchiveExportRequest,
+    ExportStarted,
+    GgufExportRequest,
+    MergedExportRequest,
+    OnnxExportRequest,
+)
+from entity.task import TaskKind, TaskOut, TaskRow
 
 router = APIRouter(prefix="/api/export", tags=["export"])
+STARTED = {202: {"model": ExportStarted, "description": "Queued (without wait)."}} | error_responses(
+    403, 404, 409, 422, 429
+)
 
 
 async def _answer(
@@ -24,37 +36,81 @@ async def _answer(
     )
 
 
-@router.post("/onnx", response_model=ExportStarted, status_code=200)
+@router.post("/onnx", response_model=ExportStarted, status_code=200, summary="Export to ONNX", responses=STARTED)
 async def onnx(
-    req: OnnxExportRequest, service: ExportServiceDep, store: StoreDep, settings: SettingsDep, response: Response
+    req: Annotated[OnnxExportRequest, Body(openapi_examples=examples.EXPORT_ONNX)],
+    service: ExportServiceDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    response: Response,
 ) -> ExportStarted:
     """Export to ONNX (LoRA merged first) and verify logits against PyTorch in onnxruntime."""
     return await _answer(await asyncio.to_thread(service.onnx, req), req.wait, store, settings, response)
 
 
-@router.post("/merged", response_model=ExportStarted, status_code=200)
+@router.post(
+    "/merged", response_model=ExportStarted, status_code=200, summary="Export merged LoRA weights", responses=STARTED
+)
 async def merged(
-    req: MergedExportRequest, service: ExportServiceDep, store: StoreDep, settings: SettingsDep, response: Response
+    req: Annotated[MergedExportRequest, Body(openapi_examples=examples.EXPORT_MERGED)],
+    service: ExportServiceDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    response: Response,
 ) -> ExportStarted:
     """Merge a LoRA adapter into its base and verify the merged logits equal the adapter model's."""
     return await _answer(await asyncio.to_thread(service.merged, req), req.wait, store, settings, response)
 
 
-@router.post("/archive", response_model=ExportStarted, status_code=200)
+@router.post(
+    "/archive", response_model=ExportStarted, status_code=200, summary="Export a tar.gz archive", responses=STARTED
+)
 async def archive(
-    req: ArchiveExportRequest, service: ExportServiceDep, store: StoreDep, settings: SettingsDep, response: Response
+    req: Annotated[ArchiveExportRequest, Body(openapi_examples=examples.EXPORT_ARCHIVE)],
+    service: ExportServiceDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    response: Response,
 ) -> ExportStarted:
     """Write a tar.gz of the model or adapter, tokenizer, training args, log and a loading README."""
     return await _answer(await asyncio.to_thread(service.archive, req), req.wait, store, settings, response)
 
 
-@router.get("/status/{task_id}", response_model=TaskOut)
+@router.post(
+    "/gguf",
+    response_model=ExportStarted,
+    status_code=200,
+    summary="Export a GGUF file (llama.cpp, Ollama)",
+    responses=STARTED,
+)
+async def gguf(
+    req: Annotated[GgufExportRequest, Body(openapi_examples=examples.EXPORT_GGUF)],
+    service: ExportServiceDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    response: Response,
+) -> ExportStarted:
+    """Write a GGUF file (f16, bf16 or q8_0) and an Ollama Modelfile; verify logits after loading it back."""
+    return await _answer(await asyncio.to_thread(service.gguf, req), req.wait, store, settings, response)
+
+
+@router.get(
+    "/status/{task_id}",
+    response_model=TaskOut,
+    summary="Get an export's status and verification",
+    responses=error_responses(404),
+)
 def status(task_id: str, store: StoreDep) -> TaskOut:
-    """An export task's state; its metrics hold the verification report once it has finished."""
-    return TaskOut.model_validate(store.get(task_id))
+    """An export task's state (404 for a task of another kind); its metrics hold the verification report."""
+    return TaskOut.model_validate(store.get_of_kind(task_id, TaskKind.export))
 
 
-@router.get("/download/{task_id}", response_class=FileResponse)
+@router.get(
+    "/download/{task_id}",
+    response_class=FileResponse,
+    summary="Download an archive export",
+    responses={200: {"content": {"application/gzip": {}}, "description": "The tar.gz."}} | error_responses(404, 409),
+)
 def download(task_id: str, service: ExportServiceDep) -> FileResponse:
     """Download the tar.gz of a succeeded archive export."""
     path = service.download_path(task_id)

@@ -33,7 +33,7 @@ class JobCounts:
         return self.value
 
 
-@router.get("/health", response_model=HealthOut)
+@router.get("/health", response_model=HealthOut, summary="Service health")
 async def health(request: Request, store: StoreDep, runner: RunnerDep) -> HealthOut:
     """Service status, version, uptime, device, job counts and inference counters (cheap: safe to poll often)."""
     state = request.app.state

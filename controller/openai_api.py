@@ -4,20 +4,30 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Body
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from controller.deps import InferenceServiceDep
-from entity.inference import OpenAIChatRequest, OpenAIModel, OpenAIModelList
+from controller.openapi import error_responses
+from entity import examples
+from entity.inference import (
+    OpenAIAssistantMessage,
+    OpenAIChatCompletion,
+    OpenAIChatRequest,
+    OpenAIChoice,
+    OpenAIModel,
+    OpenAIModelList,
+    OpenAIUsage,
+)
 from util.errors import InvalidInputError, validation_message
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
-@router.get("/models", response_model=OpenAIModelList)
+@router.get("/models", response_model=OpenAIModelList, summary="List models (OpenAI)")
 def list_models(service: InferenceServiceDep) -> OpenAIModelList:
     """Models a request can name: base models and succeeded train tasks (by task id)."""
     data = [
@@ -57,10 +67,22 @@ async def _openai_stream(
     yield ServerSentEvent(data="[DONE]")
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post(
+    "/chat/completions",
+    response_model=None,
+    summary="Create a chat completion (OpenAI)",
+    responses={
+        200: {
+            "model": OpenAIChatCompletion,
+            "description": "A chat.completion; with `stream`, `chat.completion.chunk` SSE events ending with [DONE].",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        }
+    }
+    | error_responses(403, 404, 409, 422),
+)
 async def chat_completions(
-    req: OpenAIChatRequest, service: InferenceServiceDep
-) -> dict[str, Any] | EventSourceResponse:
+    req: Annotated[OpenAIChatRequest, Body(openapi_examples=examples.OPENAI_CHAT)], service: InferenceServiceDep
+) -> OpenAIChatCompletion | EventSourceResponse:
     """OpenAI's chat completions, so the official `openai` client works against this server."""
     try:
         chat = req.to_chat(service.settings.models.base_model)
@@ -72,20 +94,17 @@ async def chat_completions(
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return EventSourceResponse(_openai_stream(service.stream(prepared), cid, req.model, include_usage), ping=15)
     result = await service.chat(chat)
-    usage = result.usage.model_dump()
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    return {
-        "id": cid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": req.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.content},
-                "logprobs": None,
-                "finish_reason": result.finish_reason,
-            }
+    usage = result.usage
+    return OpenAIChatCompletion(
+        id=cid,
+        created=int(time.time()),
+        model=req.model,
+        choices=[
+            OpenAIChoice(message=OpenAIAssistantMessage(content=result.content), finish_reason=result.finish_reason)
         ],
-        "usage": usage,
-    }
+        usage=OpenAIUsage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        ),
+    )

@@ -1,35 +1,94 @@
 """Training routes: start, status, list, cancel, logs and live events."""
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+import yaml
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from controller.deps import RunnerDep, StoreDep, TrainServiceDep
+from controller.openapi import error_responses
+from entity import examples
 from entity.common import MAX_SQL_INT
 from entity.task import TERMINAL_STATUSES, EventList, EventOut, TaskKind, TaskList, TaskOut, TaskStatus
 from entity.train import TrainRequest, TrainStarted
 from service.tasks import TaskStore
+from util.errors import InvalidInputError, UnsupportedMediaTypeError
 
 router = APIRouter(prefix="/api/train", tags=["train"])
 
+YAML_TYPES = {"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"}
+_SCHEMA = TrainRequest.model_json_schema()  # self-contained (its own $defs), so both media types can share it
+TRAIN_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "The train request as JSON, or the same document as YAML (a `wintrain train start --config` "
+        "file).",
+        "content": {
+            "application/json": {"schema": _SCHEMA, "examples": examples.TRAIN},
+            "application/yaml": {"schema": _SCHEMA},
+        },
+    }
+}
 
-@router.post("/start", response_model=TrainStarted, status_code=202)
-def start(req: TrainRequest, service: TrainServiceDep) -> TrainStarted:
-    """Queue a training task and return its id at once."""
+
+def parse_document(raw: bytes, content_type: str) -> Any:
+    """A request body as data: YAML for the YAML media types, JSON otherwise (refusing anything else)."""
+    media = content_type.split(";")[0].strip().lower()
+    if media in YAML_TYPES:
+        try:
+            return yaml.safe_load(raw.decode("utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise InvalidInputError(f"The body is not valid YAML: {exc}") from exc
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaTypeError(
+            f"Send the train request as application/json or application/yaml, not {media}.",
+            details={"content_type": media},
+        )
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"The body is not valid JSON: {exc}") from exc
+
+
+async def train_body(request: Request) -> TrainRequest:
+    """The train request from a JSON or YAML body, checked field by field like any request body."""
+    data = parse_document(await request.body(), request.headers.get("content-type", ""))
+    if not isinstance(data, dict):
+        raise InvalidInputError("The train request must be a mapping of fields (strategy, dataset_path, config, ...).")
+    try:
+        return TrainRequest.model_validate(data)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
+        raise RequestValidationError(errors) from exc
+
+
+@router.post(
+    "/start",
+    response_model=TrainStarted,
+    status_code=202,
+    summary="Start a training task",
+    responses=error_responses(403, 404, 409, 415, 422, 429),
+    openapi_extra=TRAIN_BODY_DOC,
+)
+def start(req: Annotated[TrainRequest, Depends(train_body)], service: TrainServiceDep) -> TrainStarted:
+    """Queue a training task (JSON or YAML body) and return its id at once."""
     task = service.start(req)
     return TrainStarted(task_id=task.id, status=task.status, output_dir=task.output_dir or "")
 
 
-@router.get("/status/{task_id}", response_model=TaskOut)
+@router.get("/status/{task_id}", response_model=TaskOut, summary="Get a task's status", responses=error_responses(404))
 def status(task_id: str, store: StoreDep) -> TaskOut:
     """A task's status, progress and outcome."""
     return TaskOut.model_validate(store.get(task_id))
 
 
-@router.get("/tasks", response_model=TaskList)
+@router.get("/tasks", response_model=TaskList, summary="List tasks", responses=error_responses(422))
 def tasks(
     store: StoreDep,
     status: TaskStatus | None = None,
@@ -42,13 +101,15 @@ def tasks(
     return TaskList(items=[TaskOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
-@router.post("/cancel/{task_id}", response_model=TaskOut)
+@router.post("/cancel/{task_id}", response_model=TaskOut, summary="Cancel a task", responses=error_responses(404, 409))
 def cancel(task_id: str, runner: RunnerDep) -> TaskOut:
     """Cancel a queued or running task (409 if it already finished)."""
     return TaskOut.model_validate(runner.cancel(task_id))
 
 
-@router.get("/logs/{task_id}", response_model=EventList)
+@router.get(
+    "/logs/{task_id}", response_model=EventList, summary="Get a task's events", responses=error_responses(404, 422)
+)
 def logs(
     task_id: str,
     store: StoreDep,
@@ -80,7 +141,12 @@ async def _event_stream(store: TaskStore, task_id: str, after: int, request: Req
             await asyncio.sleep(poll)
 
 
-@router.get("/events/{task_id}", response_class=EventSourceResponse)
+@router.get(
+    "/events/{task_id}",
+    response_class=EventSourceResponse,
+    summary="Stream a task's events (SSE)",
+    responses=error_responses(404, 422),
+)
 def events(
     task_id: str,
     request: Request,

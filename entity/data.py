@@ -1,5 +1,7 @@
 """Request and response schemas of the data API."""
 
+from datetime import datetime
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from entity.common import MAX_SEED
@@ -22,6 +24,21 @@ class RecordError(BaseModel):
     reason: str
 
 
+class DuplicateRecord(BaseModel):
+    """A record whose normalised conversation equals an earlier one's (process keeps the first)."""
+
+    line: int = Field(..., description="Line (JSONL) or 1-based index (JSON array) of the duplicate.")
+    duplicate_of: int = Field(..., description="Line or index of the first record with the same conversation.")
+
+
+class HistogramBin(BaseModel):
+    """Records whose token length lies in [start, end) (the last bin includes its end)."""
+
+    start: int
+    end: int
+    count: int
+
+
 class LengthStats(BaseModel):
     """Token-length statistics of the valid records under the chat template."""
 
@@ -32,6 +49,7 @@ class LengthStats(BaseModel):
     max: int
     max_length: int
     over_max_length: int
+    histogram: list[HistogramBin] = Field(default_factory=list, description="Token-length histogram (<= 20 bins).")
 
 
 class ValidateResponse(BaseModel):
@@ -45,6 +63,14 @@ class ValidateResponse(BaseModel):
     formats: dict[str, int]
     errors: list[RecordError]
     errors_truncated: bool
+    duplicate_count: int = Field(
+        0,
+        description="Valid records equal to an earlier one after normalisation (any format): the number process "
+        "drops as duplicates_dropped.",
+    )
+    duplicates: list[DuplicateRecord] = Field(
+        default_factory=list, description="The first data.max_errors_reported duplicates."
+    )
     token_stats: LengthStats | None
 
 
@@ -73,10 +99,24 @@ class ProcessRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input_file: str
+    input_file: str | None = Field(None, description="One input file (or use input_files).")
+    input_files: list[str] | None = Field(
+        None, min_length=1, max_length=256, description="Several input files, merged in order and deduplicated."
+    )
     output_dir: str = Field(..., description="Relative to the data dir, or absolute inside an allowed root.")
     split_config: SplitConfig = Field(default_factory=SplitConfig)
     overwrite: bool = Field(False, description="Replace existing train/val/test files in output_dir.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "ProcessRequest":
+        """Require input_file or input_files, not both."""
+        if (self.input_file is None) == (self.input_files is None):
+            raise ValueError("give input_file or input_files (not both)")
+        return self
+
+    def inputs(self) -> list[str]:
+        """The input files in merge order."""
+        return [self.input_file] if self.input_file is not None else list(self.input_files or [])
 
 
 class SplitFile(BaseModel):
@@ -90,11 +130,15 @@ class ProcessResponse(BaseModel):
     """What process wrote."""
 
     input_file: str
+    input_files: list[str]
     output_dir: str
     total: int
     kept: int
     invalid_dropped: int
     duplicates_dropped: int
+    duplicates: list[DuplicateRecord] = Field(
+        default_factory=list, description="The dropped duplicates (the first data.max_errors_reported)."
+    )
     splits: dict[str, SplitFile]
 
 
@@ -102,4 +146,51 @@ class UploadResponse(BaseModel):
     """Where an uploaded file was stored."""
 
     file_path: str
+    size_bytes: int
+
+
+class DataFile(BaseModel):
+    """A dataset file under the data dir."""
+
+    file_path: str = Field(..., description="Relative to the data dir (what the other data routes take).")
+    kind: str = Field(..., description="upload (sent through /api/data/upload) or processed (anything else).")
+    size_bytes: int
+    records: int = Field(..., description="Records in the file, valid or not.")
+    valid_records: int
+    format: str | None = Field(None, description="The most common record format (messages, sharegpt, alpaca, ...).")
+    formats: dict[str, int]
+    modified_at: datetime
+
+
+class DataFileList(BaseModel):
+    """Datasets under the data dir, newest first."""
+
+    items: list[DataFile]
+    total: int
+
+
+class PreviewRecord(BaseModel):
+    """One record of a preview: normalised messages, or why it is unusable."""
+
+    line: int
+    format: str | None = None
+    messages: list[dict[str, str]] | None = None
+    error: str | None = None
+
+
+class PreviewResponse(BaseModel):
+    """A page of a dataset's records, normalised."""
+
+    file_path: str
+    offset: int
+    limit: int
+    items: list[PreviewRecord]
+    next_offset: int | None
+
+
+class DeleteResponse(BaseModel):
+    """What DELETE removed."""
+
+    file_path: str
+    deleted: bool
     size_bytes: int

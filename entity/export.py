@@ -42,6 +42,18 @@ class ArchiveExportRequest(ExportBase):
     """Body of POST /api/export/archive: a tar.gz of the model or adapter with its tokenizer and logs."""
 
 
+class GgufExportRequest(ExportBase):
+    """Body of POST /api/export/gguf: a llama.cpp / Ollama file of a Llama-family model (LoRA merged first)."""
+
+    type: Literal["f16", "bf16", "q8_0"] = Field("f16", description="Tensor type of the weight matrices.")
+    tolerance: float | None = Field(
+        None,
+        gt=0,
+        description="Largest accepted |logit difference| of the file read back, relative to the logit scale; "
+        "default 2e-2 for f16, 5e-2 for bf16, 1e-1 for q8_0.",
+    )
+
+
 class ExportStarted(BaseModel):
     """Answer of an export request: the task, and with `wait` its final state."""
 

@@ -174,3 +174,38 @@ class OpenAIModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[OpenAIModel]
+
+
+class OpenAIUsage(BaseModel):
+    """Token counts of a completion, OpenAI style."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class OpenAIAssistantMessage(BaseModel):
+    """The generated message."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class OpenAIChoice(BaseModel):
+    """The one choice of a completion."""
+
+    index: int = 0
+    message: OpenAIAssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class OpenAIChatCompletion(BaseModel):
+    """Answer of POST /v1/chat/completions without `stream` (with it: `chat.completion.chunk` SSE events)."""
+
+    id: str = Field(..., examples=["chatcmpl-0123456789abcdef0123456789abcdef"])
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(..., description="Unix time (s).")
+    model: str
+    choices: list[OpenAIChoice]
+    usage: OpenAIUsage

@@ -5,6 +5,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from entity.common import MAX_TRAIN_SEED
+from util.settings import Tracker
 
 
 class LoraConfigIn(BaseModel):
@@ -35,7 +36,10 @@ class TrainConfig(BaseModel):
     learning_rate: float = Field(2e-4, gt=0, le=1)
     max_steps: int | None = Field(None, ge=1, le=10_000_000)
     num_train_epochs: float | None = Field(None, gt=0, le=10_000)
-    max_length: int | None = Field(None, ge=8, le=131_072)
+    max_length: int | None = Field(None, ge=8, le=131_072, description="Tokens per record (default train.max_length).")
+    truncate: bool = Field(
+        True, description="Cut records longer than max_length; false: leave them out (counted as skipped)."
+    )
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, le=1)
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
@@ -69,6 +73,12 @@ class TrainConfig(BaseModel):
     )
     distributed: Literal["ddp", "fsdp"] | None = Field(None, description="Default train.distributed of the config.")
     lora_config: LoraConfigIn | None = None
+    report_to: Tracker | list[Tracker] | None = Field(
+        None,
+        description="Experiment trackers fed with the training metrics: none, tensorboard (event files in the output "
+        "folder's tensorboard/), mlflow (train.mlflow_tracking_uri, default a store in the output folder's mlruns/), "
+        "wandb (offline, into the output folder), or a list. Default: train.report_to in the config (tensorboard).",
+    )
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
@@ -77,17 +87,81 @@ class TrainConfig(BaseModel):
             raise ValueError("give max_steps or num_train_epochs, not both")
         return self
 
+    @model_validator(mode="after")
+    def _trackers(self) -> "TrainConfig":
+        """A tracker list names each tracker once, and "none" only alone."""
+        if isinstance(self.report_to, list):
+            if len(set(self.report_to)) != len(self.report_to):
+                raise ValueError("report_to must not repeat a tracker")
+            if "none" in self.report_to and len(self.report_to) > 1:
+                raise ValueError('report_to "none" cannot be combined with trackers')
+        return self
+
+
+MAX_STAGES = 16
+
+
+class StageConfig(BaseModel):
+    """One stage of a multi-stage run; fields left out take the run's config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=64, description="A label for the stage's metrics (default stage-N).")
+    dataset_path: str | list[str] | None = Field(None, description="The stage's data (default: the run's).")
+    max_length: int | None = Field(None, ge=8, le=131_072)
+    truncate: bool | None = None
+    max_steps: int | None = Field(None, ge=1, le=10_000_000)
+    num_train_epochs: float | None = Field(None, gt=0, le=10_000)
+    learning_rate: float | None = Field(None, gt=0, le=1)
+    per_device_train_batch_size: int | None = Field(None, ge=1, le=4096)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    carry_optimizer: bool = Field(
+        False, description="Continue the previous stage's optimizer state (moments) instead of a fresh optimizer."
+    )
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "StageConfig":
+        """Refuse max_steps and num_train_epochs together."""
+        if self.max_steps is not None and self.num_train_epochs is not None:
+            raise ValueError("give max_steps or num_train_epochs, not both")
+        return self
+
 
 class TrainRequest(BaseModel):
-    """Body of POST /api/train/start."""
+    """Body of POST /api/train/start (also accepted as YAML, the format of `wintrain train start --config`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     strategy: str = Field(..., description="A registered strategy: 'trl' (full SFT) or 'lora'.", examples=["lora"])
-    dataset_path: str
+    dataset_path: str | list[str] = Field(
+        ..., description="A chat data file, or several merged in order (relative to the data dir)."
+    )
     output_dir: str | None = Field(None, description="Relative to the model dir; default outputs/<task_id>.")
     overwrite: bool = Field(False, description="Allow writing into a non-empty output_dir.")
+    resume_from_checkpoint: bool | str | None = Field(
+        None,
+        description="true: continue from the newest checkpoint in output_dir; a path: from that checkpoint folder "
+        "(model, optimizer, scheduler, RNG and data position).",
+    )
     config: TrainConfig = Field(default_factory=TrainConfig)
+    stages: list[StageConfig] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_STAGES,
+        description="Train in stages, each continuing from the previous one's weights (e.g. short sequences first).",
+    )
+
+    @model_validator(mode="after")
+    def _paths(self) -> "TrainRequest":
+        """Require at least one dataset path and no empty ones."""
+        paths = [self.dataset_path] if isinstance(self.dataset_path, str) else self.dataset_path
+        if not paths or any(not p.strip() for p in paths):
+            raise ValueError("dataset_path needs at least one non-empty path")
+        return self
+
+    def dataset_paths(self) -> list[str]:
+        """The dataset paths as a list."""
+        return [self.dataset_path] if isinstance(self.dataset_path, str) else list(self.dataset_path)
 
 
 class TrainStarted(BaseModel):

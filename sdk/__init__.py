@@ -1,5 +1,7 @@
 """Python SDK of the Win-Train service: `from sdk import TuningClient`."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from sdk.client import JobFuture, TrainingRun, TuningClient
 from sdk.errors import (
     APIConnectionError,
@@ -16,6 +18,19 @@ from sdk.errors import (
     WinTrainError,
 )
 from sdk.job import Job
+
+
+def _version() -> str:
+    """The installed distribution's version: the SDK alone (wintrain-sdk) or the whole project (win-train)."""
+    for dist in ("wintrain-sdk", "win-train"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "0.0.0+unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "APIConnectionError",

@@ -94,6 +94,13 @@ class Tunings(_Resource):
         started = self._client.request("POST", "/api/train/start", json=body)
         return self.get(started["task_id"])
 
+    def create_from_config(self, config: str | Path) -> Job:
+        """Start a training job from a YAML or JSON train request (a file path, or the document itself)."""
+        text = Path(config).read_text(encoding="utf-8") if isinstance(config, Path) or "\n" not in config else config
+        headers = {"Content-Type": "application/yaml"}  # YAML is a superset of JSON: one media type reads both
+        started = self._client.request("POST", "/api/train/start", content=text.encode("utf-8"), headers=headers)
+        return self.get(started["task_id"])
+
     def get(self, job_id: str) -> Job:
         """A job's current state."""
         return Job.from_api(self._client.request("GET", f"/api/train/status/{job_id}"))

@@ -69,6 +69,8 @@ class TooManyRunsError(APIStatusError):
     """429: the server's limit of live training runs is reached."""
 
 
+OVERWRITE_HINT = " (in the SDK: pass overwrite=True)"
+
 STATUS_ERRORS: dict[int, type[APIStatusError]] = {
     400: InvalidRequestError,
     401: AuthenticationError,
@@ -85,4 +87,6 @@ def error_for(status_code: int, body: Any) -> APIStatusError:
     error = body.get("error", {}) if isinstance(body, dict) else {}
     cls = STATUS_ERRORS.get(status_code, APIError)
     message = error.get("message") or (str(body)[:500] if body else "no error message")
+    if status_code == 409 and "overwrite" in message:  # the server names its JSON field; say the SDK's argument
+        message += OVERWRITE_HINT
     return cls(status_code, error.get("type") or "error", message, error.get("details"))

@@ -82,3 +82,19 @@ class Job:
     def is_failed(self) -> bool:
         """Whether the job failed or was cancelled."""
         return self.status in ("failed", "cancelled")
+
+    @property
+    def data_stats(self) -> dict[str, Any] | None:
+        """A training job's data statistics: records processed/truncated/skipped/failed and length stats."""
+        return (self.metrics or {}).get("data_stats")
+
+    @property
+    def stages(self) -> list[dict[str, Any]] | None:
+        """Per-stage reports of a finished multi-stage training job."""
+        return (self.metrics or {}).get("stages")
+
+    @property
+    def resume_count(self) -> int:
+        """How many times the server resumed this training job from a checkpoint after a restart."""
+        resolved = (self.raw.get("request") or {}).get("resolved") or {}
+        return int(resolved.get("resume_count") or 0)

@@ -1,18 +1,30 @@
 """Dataset parsing, validation, normalisation and splitting for chat data."""
 
 import json
+import os
 import random
 import statistics
 import sys
+import tempfile
+import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from entity.data import (
+    DataFile,
+    DataFileList,
+    DeleteResponse,
+    DuplicateRecord,
+    HistogramBin,
     LengthStats,
+    PreviewRecord,
+    PreviewResponse,
     ProcessRequest,
     ProcessResponse,
     RecordError,
@@ -21,8 +33,9 @@ from entity.data import (
     ValidateResponse,
 )
 from service import models
-from util.errors import ConflictError, InvalidInputError, NotFoundError
-from util.paths import resolve_client_path
+from util.errors import ConflictError, ForbiddenPathError, InvalidInputError, NotFoundError
+from util.files import check_replaceable, default_dir_mode, write_marker
+from util.paths import resolve_client_path, resolve_output
 from util.settings import Settings
 
 ROLE_ALIASES = {
@@ -34,9 +47,13 @@ ROLE_ALIASES = {
 }
 SPLIT_NAMES = ("train", "val", "test")
 UPLOAD_DIR = "uploads"
+PROCESS_KIND = "process"
 TOKENIZE_CHUNK = 256  # conversations per batched tokenizer call in validate
 # Python refuses to convert longer integer literals (CVE-2020-10735); such a record is reported, not parsed.
 MAX_INT_DIGITS = sys.get_int_max_str_digits() or 4300
+DATASET_SUFFIXES = (".json", ".jsonl")
+UPLOAD_MARKERS = ".uploaded"  # uploads/.uploaded/NAME marks uploads/NAME as sent by a client
+NOT_DATASETS = ("logs",)  # folders of the data dir that hold no datasets (task logs)
 
 Message = dict[str, str]
 
@@ -152,7 +169,8 @@ def read_records(path: Path) -> Iterator[ParsedRecord]:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            try:
+            try:  # without its line break, a truncated line's error points at its end, not at "column 1" of the next
+                line = line.rstrip("\r\n")
                 obj, end, reason = decoder.decode(line, ws(line, 0).end())
             except json.JSONDecodeError as exc:
                 yield ParsedRecord(lineno, error=f"bad JSON: {exc.msg} (column {exc.colno})")
@@ -160,6 +178,15 @@ def read_records(path: Path) -> Iterator[ParsedRecord]:
             if reason is None and ws(line, end).end() != len(line):
                 reason = f"bad JSON: Extra data (column {end + 1})"
             yield ParsedRecord(lineno, error=reason) if reason else ParsedRecord(lineno, obj)
+
+
+def conversation_key(messages: list[Message]) -> str:
+    """The duplicate key: two records are duplicates when their normalised conversations are equal.
+
+    Normalisation maps every format to the same role/content messages and trims and unifies each content's
+    line breaks, so the same conversation written as ShareGPT and as messages counts as one. The first is kept.
+    """
+    return json.dumps(messages, ensure_ascii=False, sort_keys=True)
 
 
 def _content(value: Any, index: int) -> str:
@@ -276,6 +303,15 @@ def _percentile(values: list[int], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
+def histogram(ordered: list[int], bins: int = 20) -> list[HistogramBin]:
+    """Equal-width integer bins over sorted lengths (fewer bins when the range is narrow)."""
+    lo, hi = ordered[0], ordered[-1]
+    width = max(1, -(-(hi - lo + 1) // bins))  # ceil, so `bins` bins of `width` cover [lo, hi]
+    counts = Counter((n - lo) // width for n in ordered)
+    n_bins = (hi - lo) // width + 1
+    return [HistogramBin(start=lo + i * width, end=lo + (i + 1) * width, count=counts.get(i, 0)) for i in range(n_bins)]
+
+
 def length_stats(lengths: list[int], max_length: int) -> LengthStats | None:
     """Summarise token lengths; None when there are none."""
     if not lengths:
@@ -289,6 +325,7 @@ def length_stats(lengths: list[int], max_length: int) -> LengthStats | None:
         max=ordered[-1],
         max_length=max_length,
         over_max_length=sum(1 for n in ordered if n > max_length),
+        histogram=histogram(ordered),
     )
 
 
@@ -317,6 +354,9 @@ class DataService:
     def __init__(self, settings: Settings) -> None:
         """Bind to the settings (roots, limits, default model)."""
         self.settings = settings
+        self._summaries: dict[Path, tuple[tuple[int, int], tuple[int, int, Counter[str]]]] = {}
+        self._lock = threading.Lock()
+        self._delete_lock = threading.Lock()
 
     def resolve_input(self, raw: str) -> Path:
         """Resolve a client file path inside the roots and require that it exists."""
@@ -344,6 +384,9 @@ class DataService:
         invalid = 0
         total = 0
         conversations: list[list[Message]] = []
+        first_line: dict[str, int] = {}
+        duplicates: list[DuplicateRecord] = []
+        duplicate_count = 0
         for rec in read_records(path):
             total += 1
             if total % 1000 == 0:
@@ -354,6 +397,13 @@ class DataService:
                     fmt, messages = normalize_record(rec.obj)
                     formats[fmt] += 1
                     conversations.append(messages)
+                    key = conversation_key(messages)
+                    if key in first_line:
+                        duplicate_count += 1
+                        if len(duplicates) < limit:
+                            duplicates.append(DuplicateRecord(line=rec.line, duplicate_of=first_line[key]))
+                    else:
+                        first_line[key] = rec.line
                     continue
                 except RecordInvalid as exc:
                     reason = str(exc)
@@ -379,17 +429,20 @@ class DataService:
             formats=dict(formats),
             errors=errors,
             errors_truncated=invalid > len(errors),
+            duplicate_count=duplicate_count,
+            duplicates=duplicates,
             token_stats=stats,
         )
 
     def process(self, req: ProcessRequest) -> ProcessResponse:
         """Normalise valid records to messages JSONL, drop duplicates, and write a seeded split."""
-        path = self.resolve_input(req.input_file)
-        out_dir = resolve_client_path(req.output_dir, self.settings.data_dir, self.settings.roots)
+        paths = [self.resolve_input(raw) for raw in req.inputs()]
+        out_dir = resolve_output(req.output_dir, self.settings.data_dir, self.settings)
         if out_dir.exists() and not out_dir.is_dir():
             raise ConflictError(
-                f"output_dir '{req.output_dir}' is a file, not a folder.", details={"output_dir": str(out_dir)}
+                f"output_dir '{req.output_dir}' is a file, not a folder.", details={"output_dir": req.output_dir}
             )
+        check_replaceable(out_dir, PROCESS_KIND, req.output_dir)
         targets = {name: out_dir / f"{name}.jsonl" for name in SPLIT_NAMES}
         existing = [str(p) for p in targets.values() if p.exists()]
         if existing and not req.overwrite:
@@ -398,9 +451,10 @@ class DataService:
                 details={"existing": existing},
             )
         total = invalid = duplicates = 0
-        seen: set[str] = set()
+        seen: dict[str, int] = {}
+        dropped: list[DuplicateRecord] = []
         kept: list[list[Message]] = []
-        for rec in read_records(path):
+        for rec in (rec for path in paths for rec in read_records(path)):  # merged in order
             total += 1
             if rec.error is not None:
                 invalid += 1
@@ -410,15 +464,17 @@ class DataService:
             except RecordInvalid:
                 invalid += 1
                 continue
-            key = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+            key = conversation_key(messages)
             if key in seen:
                 duplicates += 1
+                if len(dropped) < self.settings.data.max_errors_reported:
+                    dropped.append(DuplicateRecord(line=rec.line, duplicate_of=seen[key]))
                 continue
-            seen.add(key)
+            seen[key] = rec.line
             kept.append(messages)
         if not kept:
             raise InvalidInputError(
-                f"'{req.input_file}' has no valid records to split; run /api/data/validate to see why.",
+                f"'{', '.join(req.inputs())}' has no valid records to split; run /api/data/validate to see why.",
                 details={"total": total, "invalid": invalid},
             )
         cfg = req.split_config
@@ -429,6 +485,7 @@ class DataService:
         n_val = min(round(n * cfg.val_ratio), n - n_train)
         parts = {"train": kept[:n_train], "val": kept[n_train : n_train + n_val], "test": kept[n_train + n_val :]}
         out_dir.mkdir(parents=True, exist_ok=True)
+        write_marker(out_dir, PROCESS_KIND, uuid.uuid4().hex)
         splits = {}
         for name, records in parts.items():
             tmp = targets[name].with_suffix(".jsonl.tmp")
@@ -438,12 +495,14 @@ class DataService:
             tmp.replace(targets[name])  # atomic: a reader never sees a half-written split
             splits[name] = SplitFile(path=str(targets[name]), count=len(records))
         return ProcessResponse(
-            input_file=str(path),
+            input_file=str(paths[0]),
+            input_files=[str(p) for p in paths],
             output_dir=str(out_dir),
             total=total,
             kept=n,
             invalid_dropped=invalid,
             duplicates_dropped=duplicates,
+            duplicates=dropped,
             splits=splits,
         )
 
@@ -460,16 +519,146 @@ class DataService:
             )
         target.parent.mkdir(parents=True, exist_ok=True)
         limit = self.settings.data.max_upload_mb * 1024 * 1024
-        tmp = target.with_name(f".{target.name}.part")
+        # A unique temporary name: concurrent uploads of one name never write into each other's file.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        tmp = Path(tmp_name)
+        os.chmod(fd, default_dir_mode() & 0o666)  # mkstemp's 0600 would make the upload private
         size = 0
         try:
-            with tmp.open("wb") as out:
+            with os.fdopen(fd, "wb") as out:
                 while chunk := stream.read(1024 * 1024):
                     size += len(chunk)
                     if size > limit:
                         raise InvalidInputError(f"The upload exceeds the {self.settings.data.max_upload_mb} MB limit.")
                     out.write(chunk)
-            tmp.replace(target)
+            if overwrite:
+                tmp.replace(target)
+            else:
+                try:  # a hard link never replaces: of two concurrent uploads of one name, exactly one wins
+                    os.link(tmp, target)
+                except FileExistsError:
+                    raise ConflictError(
+                        f"'{target.name}' already exists in {UPLOAD_DIR}/; pass overwrite=true to replace it.",
+                        details={"file_path": str(target)},
+                    ) from None
+            marker = target.parent / UPLOAD_MARKERS / target.name
+            marker.parent.mkdir(exist_ok=True)
+            marker.touch()  # DELETE removes only files that came this way
         finally:
             tmp.unlink(missing_ok=True)
         return UploadResponse(file_path=str(target), size_bytes=size)
+
+    # -- dataset tools -------------------------------------------------------------------------------------
+
+    def _summary(self, path: Path, stat: os.stat_result) -> tuple[int, int, Counter[str]]:
+        """(records, valid records, formats) of a file, cached until its size or mtime changes."""
+        key = (stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            cached = self._summaries.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        records = valid = 0
+        formats: Counter[str] = Counter()
+        for rec in read_records(path):
+            records += 1
+            if rec.error is None:
+                try:
+                    formats[normalize_record(rec.obj)[0]] += 1
+                    valid += 1
+                except RecordInvalid:
+                    pass
+        with self._lock:
+            self._summaries[path] = (key, (records, valid, formats))
+        return records, valid, formats
+
+    def list_files(self, kind: str | None = None) -> DataFileList:
+        """Uploaded and processed dataset files under the data dir, newest first."""
+        root = self.settings.data_dir
+        items = []
+        for path in root.rglob("*") if root.is_dir() else []:
+            rel = path.relative_to(root)
+            if rel.parts[0] in NOT_DATASETS or any(p.startswith(".") for p in rel.parts):
+                continue  # task logs, and half-written uploads (.name.part) or staging files
+            if path.suffix not in DATASET_SUFFIXES or path.is_symlink() or not path.is_file():
+                continue
+            uploaded = rel.parts[0] == UPLOAD_DIR and len(rel.parts) == 2
+            file_kind = "upload" if uploaded and (path.parent / UPLOAD_MARKERS / path.name).is_file() else "processed"
+            if kind and file_kind != kind:
+                continue
+            try:
+                stat = path.stat()
+                records, valid, formats = self._summary(path, stat)
+            except OSError:
+                continue  # deleted while we looked
+            items.append(
+                DataFile(
+                    file_path=rel.as_posix(),
+                    kind=file_kind,
+                    size_bytes=stat.st_size,
+                    records=records,
+                    valid_records=valid,
+                    format=formats.most_common(1)[0][0] if formats else None,
+                    formats=dict(formats),
+                    modified_at=datetime.fromtimestamp(stat.st_mtime, UTC),
+                )
+            )
+        items.sort(key=lambda f: (f.modified_at, f.file_path), reverse=True)
+        return DataFileList(items=items, total=len(items))
+
+    def preview(self, file_path: str, offset: int, limit: int) -> PreviewResponse:
+        """Records offset..offset+limit of a file, normalised to messages (or with the reason they are unusable)."""
+        path = self.resolve_input(file_path)
+        items: list[PreviewRecord] = []
+        more = False
+        for index, rec in enumerate(read_records(path)):
+            if index < offset:
+                continue
+            if len(items) == limit:
+                more = True
+                break
+            if rec.error is not None:
+                items.append(PreviewRecord(line=rec.line, error=rec.error))
+                continue
+            try:
+                fmt, messages = normalize_record(rec.obj)
+                items.append(PreviewRecord(line=rec.line, format=fmt, messages=messages))
+            except RecordInvalid as exc:
+                items.append(PreviewRecord(line=rec.line, error=str(exc)))
+        return PreviewResponse(
+            file_path=str(path), offset=offset, limit=limit, items=items, next_offset=offset + limit if more else None
+        )
+
+    def delete_upload(self, file_path: str) -> DeleteResponse:
+        """Delete a file the client uploaded (uploads/NAME); nothing else, and each file only once."""
+        uploads = (self.settings.data_dir / UPLOAD_DIR).resolve()
+        raw = file_path.strip()
+        name = raw.removeprefix(f"{UPLOAD_DIR}/")
+        if not name or "/" in name or "\\" in name or name in {".", ".."} or name.startswith("."):
+            raise InvalidInputError(
+                f"'{file_path}' is not an uploaded file: give its name, or uploads/<name>.",
+                details={"file_path": file_path},
+            )
+        target = resolve_client_path(name, uploads, [uploads])
+        with self._delete_lock:  # concurrent deletes of one file: one succeeds, the rest find it gone (404)
+            return self._delete(target, name, file_path, uploads)
+
+    def _delete(self, target: Path, name: str, file_path: str, uploads: Path) -> DeleteResponse:
+        """Remove an upload and its marker (the caller holds the delete lock)."""
+        try:
+            info = target.lstat()
+        except FileNotFoundError:
+            raise NotFoundError(f"No uploaded file '{name}'.", details={"file_path": file_path}) from None
+        marker = uploads / UPLOAD_MARKERS / name
+        if not target.is_file() or target.is_symlink() or not marker.is_file():
+            raise ForbiddenPathError(
+                f"'{name}' was not sent through /api/data/upload; only uploads can be deleted.",
+                details={"file_path": file_path},
+            )
+        try:
+            target.unlink()  # atomic: of concurrent deletes exactly one succeeds, the others see it gone
+        except FileNotFoundError:
+            raise NotFoundError(f"No uploaded file '{name}'.", details={"file_path": file_path}) from None
+        marker.unlink(missing_ok=True)
+        with self._lock:
+            self._summaries.pop(target, None)
+        return DeleteResponse(file_path=f"{UPLOAD_DIR}/{name}", deleted=True, size_bytes=info.st_size)

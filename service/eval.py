@@ -10,6 +10,8 @@ import math
 import os
 import re
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,8 @@ from service.jobs import JobRunner
 from service.models import LoadedModel, ModelCache
 from service.tasks import TaskStore
 from util.errors import ConflictError, InvalidInputError, NotFoundError
-from util.files import write_json
-from util.paths import resolve_client_path
+from util.files import check_replaceable, write_json, write_marker
+from util.paths import resolve_client_path, resolve_output
 from util.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,35 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
 
 
+class RecordProgress:
+    """Per-record progress of an eval task (each record once per phase and model), with an ETA from the pace."""
+
+    def __init__(self, store: TaskStore, task_id: str, total: int) -> None:
+        """Start at 0 of `total` record-steps."""
+        self.store, self.task_id, self.total, self.done = store, task_id, max(total, 1), 0
+        self.started = time.monotonic()
+        store.update_progress(task_id, current_step=0, total_steps=self.total, progress=0.0)
+
+    def advance(self, records: int) -> None:
+        """Count `records` more as done and store progress and ETA."""
+        self.done = min(self.done + records, self.total)
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.done * (self.total - self.done) if self.done else None
+        self.store.update_progress(
+            self.task_id,
+            current_step=self.done,
+            total_steps=self.total,
+            progress=round(100 * self.done / self.total, 1),
+            eta_seconds=None if eta is None else round(eta, 1),
+        )
+
+
 def teacher_forced_nll(
-    loaded: LoadedModel, conversations: list[list[Message]], batch_size: int, max_length: int
+    loaded: LoadedModel,
+    conversations: list[list[Message]],
+    batch_size: int,
+    max_length: int,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[float, int]:
     """Summed next-token NLL over assistant tokens only, and their count (token-weighted, not a mean of means)."""
     import torch
@@ -125,6 +154,8 @@ def teacher_forced_nll(
         )
         total += float(nll)
         count += int((shifted != -100).sum())
+        if on_batch is not None:
+            on_batch(len(chunk))
     return total, count
 
 
@@ -172,9 +203,16 @@ class EvalService:
         if req.backend == "evalscope" and compare is not None:
             raise InvalidInputError("compare_with is only supported with the native backend.")
         task_id = self.runner.store.new_id()
-        output = resolve_client_path(req.output_dir or f"evals/{task_id}", self.settings.data_dir, self.settings.roots)
+        name = req.output_dir or f"evals/{task_id}"
+        output = resolve_output(name, self.settings.data_dir, self.settings)
+        if output.exists() and not output.is_dir():
+            raise ConflictError(f"output_dir '{name}' is a file.", details={"output_dir": name})
+        check_replaceable(output, TaskKind.eval, name)
         if (output / RESULTS_FILE).exists():
-            raise ConflictError(f"output_dir '{output}' already holds evaluation results; choose another.")
+            raise ConflictError(f"output_dir '{name}' already holds evaluation results; choose another.")
+        busy = self.runner.store.active_with_output(str(output))
+        if busy:
+            raise ConflictError(f"Task {busy[0].id} is already writing to '{name}'.", details={"output_dir": name})
         request = {
             "eval": req.model_dump(),
             "resolved": {
@@ -202,7 +240,7 @@ def evaluate_model(
     path: Path,
     conversations: list[list[Message]],
     req: EvalRequest,
-    progress: tuple[int, int],
+    progress: RecordProgress,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Every requested metric of one model, and its per-example predictions."""
     from service.inference import InferenceService
@@ -210,17 +248,16 @@ def evaluate_model(
     cache = ModelCache(1)
     loaded = cache.get(path)
     metrics: dict[str, Any] = {}
-    done, total = progress
     if {"loss", "perplexity"} & set(req.metrics):
-        nll, tokens = teacher_forced_nll(loaded, conversations, req.batch_size, settings.train.max_length)
+        nll, tokens = teacher_forced_nll(
+            loaded, conversations, req.batch_size, settings.train.max_length, progress.advance
+        )
         loss = nll / tokens if tokens else None
         if "loss" in req.metrics:
             metrics["loss"] = loss
         if "perplexity" in req.metrics:
             metrics["perplexity"] = math.exp(loss) if loss is not None and loss < 700 else None
         metrics["assistant_tokens"] = tokens
-    done += 1
-    store.update_progress(task_id, current_step=done, total_steps=total, progress=round(100 * done / total, 1))
     predictions: list[dict[str, Any]] = []
     if {"accuracy", "bleu", "rouge_l"} & set(req.metrics):
         service = InferenceService(settings, store, cache)
@@ -236,7 +273,11 @@ def evaluate_model(
                     seed=0,
                 )
             )
-        answers = service.answer_many(requests, req.batch_size, path)
+        answers = []
+        for start in range(0, len(requests), req.batch_size):  # one batch at a time, so progress moves per record
+            chunk = requests[start : start + req.batch_size]
+            answers += service.answer_many(chunk, req.batch_size, path)
+            progress.advance(len(chunk))
         for i, (conv, answer) in enumerate(zip(conversations, answers, strict=True)):
             prompt, reference = split_turns(conv)
             marks = score(answer.content, reference)
@@ -261,8 +302,6 @@ def evaluate_model(
             metrics["bleu"] = bleu(preds, refs)
         if "rouge_l" in req.metrics:
             metrics["rouge_l"] = rouge_l(preds, refs)
-    done += 1
-    store.update_progress(task_id, current_step=done, total_steps=total, progress=round(100 * done / total, 1))
     return metrics, predictions
 
 
@@ -271,8 +310,13 @@ def run_eval(settings: Settings, store: TaskStore, task_id: str, request: dict[s
     req = EvalRequest.model_validate(request["eval"])
     resolved = request["resolved"]
     output = Path(resolved["output_dir"])
+    check_replaceable(output, TaskKind.eval)  # checked at request time too; the folder may have changed since
     output.mkdir(parents=True, exist_ok=True)
+    write_marker(output, TaskKind.eval, task_id)
     dataset, model_path = Path(resolved["dataset_path"]), Path(resolved["model_path"])
+    models.check_model_sources(model_path, settings)  # again here: an adapter's files may have changed since
+    if resolved.get("compare_path"):
+        models.check_model_sources(Path(resolved["compare_path"]), settings)
     if req.backend == "evalscope":
         result = run_evalscope(model_path, dataset, req, output, store, task_id)
         write_json(output / RESULTS_FILE, {"results": result, "config": req.model_dump(), "resolved": resolved})
@@ -281,15 +325,16 @@ def run_eval(settings: Settings, store: TaskStore, task_id: str, request: dict[s
     if not conversations:
         raise ValueError(f"{dataset} has no usable conversations.")
     compare_path = Path(resolved["compare_path"]) if resolved.get("compare_path") else None
-    total = 4 if compare_path else 2
+    phases = bool({"loss", "perplexity"} & set(req.metrics)) + bool({"accuracy", "bleu", "rouge_l"} & set(req.metrics))
+    progress = RecordProgress(store, task_id, len(conversations) * phases * (2 if compare_path else 1))
     store.add_event(task_id, "log", f"evaluating {model_path.name} on {len(conversations)} records: {req.metrics}")
-    primary, predictions = evaluate_model(settings, store, task_id, model_path, conversations, req, (0, total))
+    primary, predictions = evaluate_model(settings, store, task_id, model_path, conversations, req, progress)
     result: dict[str, Any] = {"model": req.model_ref or settings.models.base_model, "samples": len(conversations)}
     result["metrics"] = primary
     details: dict[str, Any] = {"predictions": predictions}
     if compare_path is not None:
         store.add_event(task_id, "log", f"evaluating {compare_path.name} for comparison")
-        other, other_predictions = evaluate_model(settings, store, task_id, compare_path, conversations, req, (2, 4))
+        other, other_predictions = evaluate_model(settings, store, task_id, compare_path, conversations, req, progress)
         result["compare_with"] = {"model": req.compare_with, "metrics": other}
         result["delta"] = {
             k: v - other[k]

@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from entity.export import ArchiveExportRequest, ExportBase, MergedExportRequest, OnnxExportRequest
+from entity.export import ArchiveExportRequest, ExportBase, GgufExportRequest, MergedExportRequest, OnnxExportRequest
 from entity.task import TaskKind, TaskRow, TaskStatus
 from service import models
 from service.jobs import JobRunner
 from service.tasks import TaskStore
 from util.errors import ConflictError, InvalidInputError, NotFoundError
-from util.files import fresh_dir, publish, write_json
-from util.paths import resolve_client_path
+from util.files import OUTPUT_MARKER, check_replaceable, fresh_dir, publish, write_json
+from util.paths import resolve_output
 from util.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 MERGE_TOLERANCE = 1e-4
 DYNAMO_MIN_OPSET = 18
 LEGACY_MAX_OPSET = 20
-ARCHIVE_SKIP = ("checkpoint-", "runs", "__pycache__")
+ARCHIVE_SKIP = ("checkpoint-", "runs", "__pycache__", OUTPUT_MARKER)
 
 
 class VerificationError(RuntimeError):
@@ -55,18 +55,16 @@ class ExportService:
         self.runner = runner
 
     def _output(self, raw: str | None, default: str, overwrite: bool) -> Path:
-        """Resolve an output path (relative to the model dir) and refuse to replace one without overwrite."""
-        path = resolve_client_path(raw or default, self.settings.model_dir, self.settings.roots)
+        """Resolve an output path (relative to the model dir); only an earlier export is replaced, with overwrite."""
+        name = raw or default
+        path = resolve_output(name, self.settings.model_dir, self.settings)
         busy = self.runner.store.active_with_output(str(path))
         if busy:
+            raise ConflictError(f"Task {busy[0].id} is already writing to '{name}'.", details={"output_path": name})
+        if check_replaceable(path, TaskKind.export, name) and not overwrite:
             raise ConflictError(
-                f"Task {busy[0].id} is already writing to '{path}'.", details={"output_path": str(path)}
-            )
-        exists = path.is_file() or (path.is_dir() and any(path.iterdir()))
-        if exists and not overwrite:
-            raise ConflictError(
-                f"output_path '{path}' already exists; choose another or pass \"overwrite\": true.",
-                details={"output_path": str(path)},
+                f"output_path '{name}' already exists; choose another or pass \"overwrite\": true.",
+                details={"output_path": name},
             )
         return path
 
@@ -117,6 +115,25 @@ class ExportService:
             raise ConflictError(f"output_path '{output}' is a folder; an archive is a file.")
         return self._submit("archive", req, model, output, task_id)
 
+    def gguf(self, req: GgufExportRequest) -> TaskRow:
+        """Queue a GGUF export of a Llama-family model (a LoRA output is merged into its base first)."""
+        from service.export_gguf import SUPPORTED_MODEL_TYPES, model_type
+
+        model = models.resolve_model_ref(req.model_ref, self.settings, self.runner.store)
+        models.tokenizer_dir(model)  # 404 now if an adapter's base model is gone
+        kind = model_type(model)
+        if kind not in SUPPORTED_MODEL_TYPES:
+            raise InvalidInputError(
+                f"GGUF export supports Llama-family models ({', '.join(SUPPORTED_MODEL_TYPES)}); this one is "
+                f"'{kind or 'unknown'}'.",
+                details={"model": req.model_ref, "model_type": kind},
+            )
+        task_id = self.runner.store.new_id()
+        output = self._output(req.output_path, f"exports/{task_id}-gguf", req.overwrite)
+        if output.is_file():
+            raise ConflictError(f"output_path '{output}' is a file; a GGUF export writes a folder.")
+        return self._submit("gguf", req, model, output, task_id)
+
     def download_path(self, task_id: str) -> Path:
         """The archive of a succeeded archive export, for download."""
         task = self.runner.store.get(task_id)
@@ -138,10 +155,13 @@ class ExportService:
 
 def run_export(settings: Settings, store: TaskStore, task_id: str, request: dict[str, Any]) -> dict[str, Any]:
     """Run one export task and return its verified report."""
-    handlers = {"onnx": export_onnx, "merged": export_merged, "archive": export_archive}
+    from service.export_gguf import export_gguf
+
+    handlers = {"onnx": export_onnx, "merged": export_merged, "archive": export_archive, "gguf": export_gguf}
     fmt = request["format"]
     resolved = request["resolved"]
     model_path, output = Path(resolved["model_path"]), Path(resolved["output_path"])
+    models.check_model_sources(model_path, settings)  # again here: the adapter's files may have changed since
     store.add_event(task_id, "log", f"exporting {model_path.name} as {fmt} to {output}")
     started = time.perf_counter()
     report = handlers[fmt](model_path, output, request["export"], store, task_id)
@@ -288,11 +308,11 @@ def export_onnx(model_path: Path, output: Path, req: dict[str, Any], store: Task
         verification = compare_logits(ref, got, batch["attention_mask"], tolerance)
         verification["onnxruntime_ms"] = round(ort_ms, 1)
         require(verification)
-        publish(staging, output)
+        publish(staging, output, TaskKind.export, task_id, format="onnx")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    files = sorted(p.name for p in output.iterdir())
+    files = sorted(p.name for p in output.iterdir() if p.name != OUTPUT_MARKER)
     return {
         "format": "onnx",
         "source": str(model_path),
@@ -337,7 +357,7 @@ def export_merged(
         verification["saved_folder"] = {"tensors": len(expected), "differing": differing[:20]}
         verification["passed"] = verification["passed"] and not differing
         require(verification)
-        publish(staging, output)
+        publish(staging, output, TaskKind.export, task_id, format="merged")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -348,7 +368,7 @@ def export_merged(
         "base_model": models.adapter_base(model_path),
         "output_path": str(output),
         "dtype": dtype,
-        "files": sorted(p.name for p in output.iterdir()),
+        "files": sorted(p.name for p in output.iterdir() if p.name != OUTPUT_MARKER),
         "verification": verification,
     }
 
@@ -423,7 +443,7 @@ def export_archive(
             tar.addfile(info, io.BytesIO(readme))
         verification = verify_archive(staging, members, root, adapter)
         require(verification)
-        publish(staging, output)
+        publish(staging, output, TaskKind.export, task_id, format="archive")
     except BaseException:
         staging.unlink(missing_ok=True)
         raise

@@ -14,6 +14,7 @@ from pathlib import Path
 from entity.task import TaskKind, TaskRow, TaskStatus
 from service import models
 from service.tasks import TaskStore
+from service.train.checkpoints import latest_checkpoint
 from service.worker import SETTINGS_ENV
 from util.errors import ConflictError
 from util.settings import PROJECT_ROOT, Settings
@@ -35,11 +36,13 @@ class RunningJob:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     slots: int = 1
+    started: float | None = None  # an adopted worker's process start time: a later process with its pid is not it
 
     def end_reason(self) -> str | None:
         """Why the process ended, or None while it runs."""
         if self.proc is None:  # adopted after a restart: not our child, so no exit status
-            return None if pid_alive(self.pid) else "worker process ended (exit status unknown after a server restart)"
+            alive = pid_alive(self.pid) and (self.started is None or process_start(self.pid) == self.started)
+            return None if alive else "worker process ended (exit status unknown after a server restart)"
         code = self.proc.poll()
         return None if code is None else describe_exit(code)
 
@@ -61,15 +64,44 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def is_worker_of(pid: int, task_id: str) -> bool:
-    """Whether `pid` is a live worker process for `task_id` (guards against pid reuse)."""
+WORKER_MODULES = {"--task-id": "service.worker", "--run-id": "service.run_worker"}
+START_SLACK_SECONDS = 1.0  # clock granularity between the store's timestamp and the kernel's process start time
+
+
+def process_start(pid: int) -> float | None:
+    """A process's start time (seconds since the epoch), or None when it is gone."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+
+
+def is_worker_of(pid: int, ident: str, not_before: datetime | None = None, flag: str = "--task-id") -> bool:
+    """Whether `pid` is the live worker of task (or run) `ident`, by identity rather than by pid alone.
+
+    Its command line must end in `-m <worker module> <flag> <ident>` (a reused pid, or a process that merely
+    mentions the id, such as `tail` on its log, does not), and it must have started no earlier than
+    `not_before` (when the task was claimed): a process older than the task cannot be its worker.
+    """
+    import psutil
+
     if not pid_alive(pid):
         return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
     try:
-        return task_id.encode() in cmdline.read_bytes()
-    except OSError:
+        proc = psutil.Process(pid)
+        argv = proc.cmdline()
+        started = proc.create_time()
+    except (psutil.Error, OSError):
         return False
+    if argv[-4:] != ["-m", WORKER_MODULES[flag], flag, ident]:
+        return False
+    if not_before is not None:
+        when = not_before if not_before.tzinfo else not_before.replace(tzinfo=UTC)  # SQLite drops the zone
+        if started < when.timestamp() - START_SLACK_SECONDS:
+            return False
+    return True
 
 
 def default_slots() -> int:
@@ -148,7 +180,7 @@ class JobRunner:
             jobs = list(self._running.values())
         for job in jobs:
             # Mark first, so the worker's own report of the SIGTERM does not win the race.
-            self.store.move(job.task_id, TaskStatus.failed, (TaskStatus.running,), SHUTDOWN_ERROR, error=SHUTDOWN_ERROR)
+            self.interrupted(self.store.get(job.task_id), SHUTDOWN_ERROR)
             self._kill(job)
         with self._lock:
             self._running.clear()
@@ -181,12 +213,36 @@ class JobRunner:
     def recover(self) -> None:
         """Adopt live workers of running tasks; fail those whose process is gone."""
         for task in self.store.with_status(TaskStatus.running):
-            if task.pid and is_worker_of(task.pid, task.id):
+            if task.pid and is_worker_of(task.pid, task.id, task.started_at):
                 log.info("adopting live worker pid=%s of task %s", task.pid, task.id)
                 cost = task_slots(task, self.slots)
-                self._running[task.id] = RunningJob(task.id, task.pid, self.log_path(task.id), slots=cost)
+                started = process_start(task.pid)
+                self._running[task.id] = RunningJob(task.id, task.pid, self.log_path(task.id), None, cost, started)
                 continue
-            self.store.move(task.id, TaskStatus.failed, (TaskStatus.running,), RESTART_ERROR, error=RESTART_ERROR)
+            self.interrupted(task, RESTART_ERROR)
+
+    def interrupted(self, task: TaskRow, reason: str) -> None:
+        """A running task lost its worker to a restart or shutdown: re-queue a train task to resume, else fail it.
+
+        A train task resumes from its newest checkpoint, at most train.max_resumes times; without a checkpoint,
+        or past that count, it fails with `reason`.
+        """
+        limit = self.settings.train.max_resumes
+        resolved = task.request.get("resolved") or {}
+        is_train = task.kind == TaskKind.train and task.output_dir
+        checkpoint = latest_checkpoint(Path(task.output_dir or "")) if is_train else None
+        count = int(resolved.get("resume_count") or 0)
+        if checkpoint is not None and count < limit:
+            # The explicit checkpoint of the original request is spent: the resume takes the newest one.
+            resolved = {**resolved, "resume_count": count + 1, "resume_from_checkpoint": None}
+            message = f"{reason}; re-queued to resume from {checkpoint.name} (resume {count + 1} of {limit})"
+            request = {**task.request, "resolved": resolved}
+            if self.store.move(task.id, TaskStatus.queued, (TaskStatus.running,), message, request=request, pid=None):
+                self._wake.set()
+                return
+        if checkpoint is not None and limit:
+            reason = f"{reason}; gave up after {count} resumes (train.max_resumes is {limit})"
+        self.store.move(task.id, TaskStatus.failed, (TaskStatus.running,), reason, error=reason)
 
     # -- public API ------------------------------------------------------------------------
     def submit(
@@ -213,7 +269,7 @@ class JobRunner:
                 job = self._running.pop(task_id, None)
             if job is not None:
                 self._kill(job)
-            elif task.pid and is_worker_of(task.pid, task_id):
+            elif task.pid and is_worker_of(task.pid, task_id, task.started_at):
                 self._kill(RunningJob(task_id, task.pid, self.log_path(task_id)))
             if moved:
                 self._wake.set()
@@ -307,10 +363,22 @@ def take_ended(
     return ended
 
 
+SECRET_ENV = ("API_KEYS",)  # exact names; every WT_AUTH__* variable is left out too
+
+
+def worker_environment() -> dict[str, str]:
+    """The server's environment without its API keys: a worker never needs them (and never receives them)."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name.upper() not in SECRET_ENV and not name.upper().startswith("WT_AUTH__")
+    }
+
+
 def spawn_worker(settings: Settings, module_args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start `python -m <module> <args>` in its own process group, output appended to log_path."""
+    """Start `python -m <module> <args>` in its own process group (without the API keys), output to log_path."""
     env = {
-        **os.environ,
+        **worker_environment(),
         SETTINGS_ENV: settings.model_dump_json(exclude={"auth"}),  # workers need no keys
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",

@@ -12,8 +12,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from util.errors import ConflictError, InvalidInputError, NotFoundError
-from util.paths import resolve_client_path
+from util.errors import ConflictError, ForbiddenPathError, InvalidInputError, NotFoundError
+from util.paths import is_within, resolve_client_path
 from util.settings import Settings
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def resolve_model(identifier: str | None, settings: Settings) -> Path:
             f"'{identifier}' is not a model folder (it has neither config.json nor adapter_config.json).",
             details={"model": identifier},
         )
-    return path
+    return check_model_sources(path, settings)
 
 
 TASK_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -86,14 +86,74 @@ def resolve_model_ref(identifier: str | None, settings: Settings, store: "TaskSt
                 raise NotFoundError(
                     f"The output of train task '{identifier}' is gone from {path}.", details={"model": identifier}
                 )
-            return path
+            return check_model_sources(path, settings)
     return resolve_model(identifier, settings)
 
 
 def adapter_base(path: Path) -> str:
     """The base model recorded in an adapter's config."""
-    cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    return cfg.get("base_model_name_or_path") or ""
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(
+            f"The adapter at '{path.name}' has an unreadable adapter_config.json ({type(exc).__name__}).",
+            details={"model": path.name},
+        ) from None
+    value = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def _trusted_source(resolved: Path, settings: Settings) -> bool:
+    """Whether a path read from a model's files may be loaded: inside the roots, or in the base-model store."""
+    trusted = [*(r.resolve() for r in settings.roots), (settings.model_dir / "base").resolve()]
+    return any(is_within(resolved, root) for root in trusted) or resolved == settings.base_model_path().resolve()
+
+
+def checked_adapter_base(path: Path, settings: Settings) -> Path:
+    """The base model an adapter folder names, refused (403) unless it is a model inside the roots or a base model.
+
+    `adapter_config.json` is a file a client can write (an upload), so its base path is checked like a client path.
+    """
+    raw = adapter_base(path)
+    if not raw.strip() or "\x00" in raw:
+        raise InvalidInputError(
+            f"The adapter at '{path.name}' names no base model (base_model_name_or_path is empty).",
+            details={"model": path.name},
+        )
+    resolved = Path(raw).expanduser().resolve()  # resolved as the loaders will read it
+    if not _trusted_source(resolved, settings):
+        raise ForbiddenPathError(
+            f"The adapter at '{path.name}' names a base model (base_model_name_or_path) outside the allowed roots; "
+            "it must be a model folder inside the data dir, the model dir or an allowed root.",
+            details={"model": path.name},
+        )
+    return resolved
+
+
+def check_tokenizer_files(path: Path, settings: Settings) -> None:
+    """Refuse (403) a tokenizer_config.json whose `*_file` entries point outside the roots (loaders open them as is)."""
+    try:
+        cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # absent or unreadable: the tokenizer loader reports it
+    if not isinstance(cfg, dict):
+        return
+    for key, value in cfg.items():
+        if not (key.endswith("_file") and isinstance(value, str) and value.strip()):
+            continue
+        if "\x00" in value or not _trusted_source(Path(value).expanduser().resolve(), settings):
+            raise ForbiddenPathError(
+                f"The tokenizer at '{path.name}' names a file ({key}) outside the allowed roots.",
+                details={"model": path.name, "field": key},
+            )
+
+
+def check_model_sources(path: Path, settings: Settings) -> Path:
+    """Check every path a model folder's own files point to (an adapter's base, tokenizer files); return it."""
+    check_tokenizer_files(path, settings)
+    if is_adapter_dir(path):
+        check_tokenizer_files(checked_adapter_base(path, settings), settings)
+    return path
 
 
 def tokenizer_dir(path: Path) -> Path:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from entity.runs import ChatExample, ForwardBackwardRequest, OptimStepRequest, RunRow, RunStatus, SampleRequest
 from service import models
-from service.runs import RunStore, checkpoint_dir
+from service.runs import RUN_STATE_KIND, RunStore, checkpoint_dir
 from service.tasks import make_engine
 from service.train.fused_lora import fuse_lora_layers
 from service.worker import Terminated, format_error, start_worker_process
@@ -53,6 +53,7 @@ class RunState:
         base = models.load_causal_lm(base_path, self.dtype, self.device)
         torch.manual_seed(run.seed)
         if run.resume_from:
+            models.check_model_sources(Path(run.resume_from), settings)  # its files may have changed since create
             self.model = PeftModel.from_pretrained(base, run.resume_from, is_trainable=True)
         else:
             lora = run.lora
@@ -191,7 +192,7 @@ class RunState:
             torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
             meta = {"run_id": self.run.id, "step": self.steps, "base_model": self.run.base_path, "lora": self.run.lora}
             write_json(staging / "run_state.json", meta)
-            publish(staging, path)
+            publish(staging, path, RUN_STATE_KIND, self.run.id, step=self.steps)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

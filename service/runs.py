@@ -34,9 +34,10 @@ from entity.runs import (
 )
 from entity.task import utcnow
 from service import models
-from service.jobs import RunningJob, is_worker_of, spawn_worker, take_ended, terminate_group
+from service.jobs import RunningJob, is_worker_of, process_start, spawn_worker, take_ended, terminate_group
 from service.tasks import TaskStore, lock_for_write
 from util.errors import AppError, ConflictError, InvalidInputError, NotFoundError
+from util.files import check_replaceable
 from util.paths import resolve_client_path
 from util.settings import Settings
 
@@ -211,6 +212,9 @@ class RunStore:
             return list(s.scalars(query))
 
 
+RUN_STATE_KIND = "run_state"
+
+
 def _check_live(session: Session, limit: int) -> None:
     """429 when `limit` runs are already live (call inside a write-locked session)."""
     query = select(func.count()).select_from(RunRow).where(RunRow.status.in_([str(s) for s in LIVE_RUN_STATUSES]))
@@ -229,8 +233,14 @@ def checkpoint_dir(settings: Settings, run_id: str, name: str) -> Path:
 def read_state(path: Path) -> dict[str, Any]:
     """Check a saved state folder and return its adapter config."""
     if not models.is_adapter_dir(path):
-        raise InvalidInputError(f"'{path}' is not a saved run state (it has no adapter_config.json).")
-    return json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        raise InvalidInputError(f"'{path.name}' is not a saved run state (it has no adapter_config.json).")
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = None
+    if not isinstance(cfg, dict):
+        raise InvalidInputError(f"'{path.name}' has an unreadable adapter_config.json.")
+    return cfg
 
 
 class RunService:
@@ -250,8 +260,8 @@ class RunService:
     def start(self) -> None:
         """Adopt live workers, fail runs whose worker is gone, and start the watcher thread."""
         for run in self.store.runs(LIVE_RUN_STATUSES):
-            if run.pid and is_worker_of(run.pid, run.id):
-                self._workers[run.id] = RunningJob(run.id, run.pid, self._log(run.id))
+            if run.pid and is_worker_of(run.pid, run.id, run.created_at, flag="--run-id"):
+                self._workers[run.id] = RunningJob(run.id, run.pid, self._log(run.id), started=process_start(run.pid))
                 continue
             self._fail(run.id, RESTART_ERROR)
         self._thread = threading.Thread(target=self._watch, name="run-watcher", daemon=True)
@@ -300,10 +310,12 @@ class RunService:
             state = resolve_client_path(req.from_state, self.settings.model_dir, self.settings.roots)
             if not state.exists():
                 raise NotFoundError(f"Saved state '{req.from_state}' does not exist.")
-            cfg = read_state(state)
-            base_path = Path(cfg.get("base_model_name_or_path") or "")
+            read_state(state)
+            # The saved adapter_config.json is a file a client can write: its base is checked like a client path.
+            base_path = models.checked_adapter_base(state, self.settings)
             if not models.is_model_dir(base_path):
-                raise NotFoundError(f"The base model of '{req.from_state}' ({base_path}) is gone.")
+                raise NotFoundError(f"The base model of '{req.from_state}' is gone.")
+            cfg = read_state(state)
             targets = cfg.get("target_modules")
             lora = {"r": cfg.get("r"), "alpha": cfg.get("lora_alpha"), "target_modules": targets}
             base_name = base_path.name
@@ -393,7 +405,7 @@ class RunService:
         """Queue saving the adapter and optimizer state under a name."""
         self._usable(run_id)
         target = checkpoint_dir(self.settings, run_id, req.name)
-        if target.exists() and not req.overwrite:
+        if check_replaceable(target, RUN_STATE_KIND, req.name) and not req.overwrite:
             raise ConflictError(f"Run '{run_id}' already has a state named '{req.name}'; pass \"overwrite\": true.")
         return self.store.add_job(run_id, "save_state", {**req.model_dump(), "path": str(target)})
 
@@ -404,7 +416,7 @@ class RunService:
         if not path.exists():
             raise NotFoundError(f"Saved state '{req.path}' does not exist.")
         cfg = read_state(path)
-        if Path(cfg.get("base_model_name_or_path") or "").resolve() != Path(run.base_path).resolve():
+        if models.checked_adapter_base(path, self.settings) != Path(run.base_path).resolve():
             raise ConflictError(f"'{req.path}' was saved on another base model than this run's ({run.base_model}).")
         if cfg.get("r") != run.lora.get("r"):
             raise ConflictError(f"'{req.path}' has LoRA rank {cfg.get('r')}; this run's is {run.lora.get('r')}.")

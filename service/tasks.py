@@ -33,6 +33,7 @@ PROGRESS_FIELDS = {
     "learning_rate",
     "tokens_per_second",
     "eta_seconds",
+    "metrics",  # a train task's data statistics, known before its first step
 }
 
 
@@ -136,6 +137,16 @@ class TaskStore:
             row = s.get(TaskRow, task_id)
         if row is None:
             raise NotFoundError(f"Task '{task_id}' does not exist.", details={"task_id": task_id})
+        return row
+
+    def get_of_kind(self, task_id: str, kind: str) -> TaskRow:
+        """Return a task of one kind; a task of another kind is NotFoundError, as under that kind's routes."""
+        row = self.get(task_id)
+        if row.kind != kind:
+            raise NotFoundError(
+                f"Task '{task_id}' is a {row.kind} task, not an {kind} task (/api/train/status shows any task).",
+                details={"task_id": task_id, "kind": row.kind},
+            )
         return row
 
     async def wait_terminal(self, task_id: str, poll: float, timeout: float | None = None) -> TaskRow:

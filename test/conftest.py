@@ -22,6 +22,7 @@ from util.settings import PROJECT_ROOT, Settings, load_settings
 REAL_BASE = PROJECT_ROOT / "model" / "base" / "SmolLM2-135M-Instruct"
 SAMPLE = PROJECT_ROOT / "test" / "data" / "train_sample.json"
 TINY_NAME = "tiny-llama"
+pytest_plugins = ["browser"]  # the Chromium fixtures of test/browser.py
 
 
 @pytest.fixture(scope="session")
@@ -184,3 +185,16 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def default_named_model_root(tiny_model_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store whose base/SmolLM2-135M-Instruct is a copy of the tiny model, so docs naming it run as written."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("default_named_store")
+    shutil.copytree(tiny_model_root / "base" / TINY_NAME, root / "base" / DEFAULT_NAME)
+    return root

@@ -245,7 +245,8 @@ def test_validate_with_an_adapter_whose_base_is_gone_is_404(client, settings):
     write_jsonl(settings.data_dir / "d.jsonl", [CONV])
     orphan = settings.model_dir / "orphan"
     orphan.mkdir()
-    (orphan / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/nowhere/base"}))
+    gone = str(settings.model_dir / "gone-base")  # inside the roots, so not refused: just missing
+    (orphan / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": gone}))
     r = client.post("/api/data/validate", json={"file_path": "d.jsonl", "model": "orphan"})
     assert r.status_code == 404
     assert "base model" in r.json()["error"]["message"]

@@ -222,7 +222,8 @@ def test_server_shutdown_stops_workers_and_records_why(settings):
 
     with TestClient(create_app(settings)) as client:
         _prepare_splits(client)
-        task_id = _start(client, config={**FAST, "max_steps": 100000}).json()["task_id"]
+        # No checkpoint: a train task with one would be re-queued to resume instead (test_train_config.py).
+        task_id = _start(client, config={**FAST, "max_steps": 100000, "save_steps": 100000}).json()["task_id"]
         deadline = time.monotonic() + 120
         while client.get(f"/api/train/status/{task_id}").json()["current_step"] < 1:
             assert time.monotonic() < deadline, "training never made a step"

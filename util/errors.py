@@ -61,3 +61,10 @@ def validation_message(errors: Sequence[Any]) -> str:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
         parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     return "; ".join(parts) or "invalid request"
+
+
+class UnsupportedMediaTypeError(AppError):
+    """A request body in a format the route does not read."""
+
+    status_code = 415
+    error_type = "unsupported_media_type"

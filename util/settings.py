@@ -49,6 +49,9 @@ class JobSettings(BaseModel):
     retention_days: float | None = Field(30.0, gt=0)
 
 
+Tracker = Literal["none", "tensorboard", "mlflow", "wandb"]
+
+
 class TrainSettings(BaseModel):
     """Defaults for train requests that leave a field out."""
 
@@ -58,6 +61,10 @@ class TrainSettings(BaseModel):
     packing: Literal["auto", "on", "off"] = "auto"
     num_gpus: int | None = Field(None, ge=1)
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    report_to: Tracker | list[Tracker] = "tensorboard"
+    mlflow_tracking_uri: str | None = None
+    experiment_name: str = "win-train"
+    max_resumes: int = Field(3, ge=0)
 
 
 class DataSettings(BaseModel):

@@ -22,36 +22,60 @@ def finite(value: Any) -> float | None:
 class StoreProgressCallback(TrainerCallback):
     """Writes step progress to the task row, and each log record as an event and a JSONL line (rank 0 only)."""
 
-    def __init__(self, store: TaskStore, task_id: str, log_file: Path) -> None:
-        """Bind to a task and the trainer_log.jsonl path."""
+    def __init__(
+        self,
+        store: TaskStore,
+        task_id: str,
+        log_file: Path,
+        step_offset: int = 0,
+        later_steps: int = 0,
+        stage: str | None = None,
+    ) -> None:
+        """Bind to a task and the trainer_log.jsonl path; a stage of a run adds its offset and later stages' steps."""
         self.store = store
         self.task_id = task_id
         self.log_file = log_file
+        self.step_offset = step_offset
+        self.later_steps = later_steps
+        self.stage = stage
         self.started = time.monotonic()
+        self.first_step = 0
+        self.first_tokens = 0
+
+    def _total(self, state: TrainerState) -> int:
+        """Steps of the whole task: earlier stages, this one, and the planned later ones."""
+        return self.step_offset + state.max_steps + self.later_steps
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        """Record the total step count once the trainer knows it."""
+        """Record the total step count once the trainer knows it (a resumed run starts at its checkpoint's step)."""
         self.started = time.monotonic()
+        self.first_step = state.global_step
+        self.first_tokens = state.num_input_tokens_seen or 0
         if not state.is_world_process_zero:
             return
-        self.store.update_progress(self.task_id, total_steps=state.max_steps, current_step=0, progress=0.0)
-        self.store.add_event(self.task_id, "log", f"training started: {state.max_steps} steps")
+        step, total = self.step_offset + state.global_step, self._total(state)
+        self.store.update_progress(
+            self.task_id, total_steps=total, current_step=step, progress=round(100.0 * step / max(total, 1), 2)
+        )
+        where = f"stage '{self.stage}': " if self.stage else ""
+        self.store.add_event(self.task_id, "log", f"{where}training started: {state.max_steps} steps")
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        """Update step, percent, epoch, throughput and ETA."""
+        """Update step, percent, epoch, throughput and ETA (across stages)."""
         if not state.is_world_process_zero:
             return
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        step, total = state.global_step, max(state.max_steps, 1)
-        tokens = state.num_input_tokens_seen or 0
+        step, total = self.step_offset + state.global_step, max(self._total(state), 1)
+        done_here = state.global_step - self.first_step
+        tokens = (state.num_input_tokens_seen or 0) - self.first_tokens
         self.store.update_progress(
             self.task_id,
             current_step=step,
-            total_steps=state.max_steps,
+            total_steps=total,
             progress=round(min(100.0, 100.0 * step / total), 2),
             epoch=finite(state.epoch),
-            tokens_per_second=round(tokens / elapsed, 2) if tokens else None,
-            eta_seconds=round(elapsed / step * (total - step), 1) if step else None,
+            tokens_per_second=round(tokens / elapsed, 2) if tokens > 0 else None,
+            eta_seconds=round(elapsed / done_here * (total - step), 1) if done_here > 0 else None,
         )
 
     def on_log(
@@ -66,13 +90,19 @@ class StoreProgressCallback(TrainerCallback):
         if not logs or not state.is_world_process_zero:
             return
         record = {"step": state.global_step, "total_steps": state.max_steps, **{k: _json(v) for k, v in logs.items()}}
+        tokens = (state.num_input_tokens_seen or 0) - self.first_tokens  # since this (re)start
+        if "loss" in logs and tokens > 0:  # the dashboard's tokens/s curve
+            record["tokens_per_second"] = round(tokens / max(time.monotonic() - self.started, 1e-9), 2)
+        if self.stage:
+            record = {"stage": self.stage, "task_step": self.step_offset + state.global_step, **record}
         with self.log_file.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         if "loss" in logs:
             self.store.update_progress(
                 self.task_id, loss=finite(logs.get("loss")), learning_rate=finite(logs.get("learning_rate"))
             )
-            self.store.add_event(self.task_id, "metrics", f"step {state.global_step}: loss {logs['loss']:.4f}", record)
+            step = self.step_offset + state.global_step
+            self.store.add_event(self.task_id, "metrics", f"step {step}: loss {logs['loss']:.4f}", record)
         elif "eval_loss" in logs:
             self.store.add_event(
                 self.task_id, "eval", f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}", record
@@ -90,6 +120,26 @@ class StoreProgressCallback(TrainerCallback):
             f"checkpoint saved at step {state.global_step}",
             {"step": state.global_step, "path": f"{args.output_dir}/checkpoint-{state.global_step}"},
         )
+
+
+class LoadOptimizerState(TrainerCallback):
+    """Start a stage with the previous stage's optimizer moments, keeping this stage's learning rate."""
+
+    def __init__(self, path: Path) -> None:
+        """Bind to the saved optimizer state_dict."""
+        self.path = path
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        """Load the moments into the freshly built optimizer; its learning rates stay this stage's."""
+        import torch
+
+        optimizer = kw.get("optimizer")
+        if optimizer is None:
+            return
+        keep = [{k: g[k] for k in ("lr", "initial_lr") if k in g} for g in optimizer.param_groups]
+        optimizer.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
+        for group, values in zip(optimizer.param_groups, keep, strict=True):
+            group.update(values)
 
 
 def _json(value: Any) -> Any:

@@ -7,31 +7,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from entity.train import TrainConfig, TrainRequest
+from entity.train import StageConfig, TrainConfig, TrainRequest
 from service import models
-from service.data import load_conversations
 from service.tasks import TaskStore
-from service.train import attention
-from service.train.callbacks import StoreProgressCallback, finite
+from service.train import attention, tracking
+from service.train.callbacks import LoadOptimizerState, StoreProgressCallback, finite
+from service.train.checkpoints import latest_checkpoint
+from service.train.dataset import DataStats, build_dataset
 from service.train.fused_lora import fuse_lora_layers
+from service.train.model_card import model_card
 from service.train.strategies import STRATEGIES
+from util.files import check_replaceable, write_marker
 from util.settings import Settings
 
 log = logging.getLogger(__name__)
 BUSY_GPU_TOKENS = 16384  # packed tokens per step from which the H100 bench's steps were GPU-bound (bench/NOTES.md)
-
-
-def build_dataset(path: Path, tokenizer: Any, assistant_only_loss: bool) -> Any:
-    """Tokenise a chat file into input_ids (+ assistant_masks so TRL masks non-assistant labels)."""
-    from datasets import Dataset
-
-    conversations = load_conversations(path)
-    if not conversations:
-        raise ValueError(f"{path} has no valid conversations.")
-    rows = [models.tokenize_with_assistant_mask(tokenizer, conv) for conv in conversations]
-    if not assistant_only_loss:
-        rows = [{"input_ids": r["input_ids"]} for r in rows]
-    return Dataset.from_list(rows)
 
 
 def packing_for(settings: Settings, cfg: TrainConfig, device: str) -> bool:
@@ -73,6 +63,8 @@ def build_sft_config(
     dtype: str,
     packing: bool,
     distributed: dict[str, Any] | None = None,
+    report_to: list[str] | None = None,
+    run_name: str | None = None,
 ) -> Any:
     """Translate the request into TRL's SFTConfig."""
     from trl import SFTConfig
@@ -108,13 +100,56 @@ def build_sft_config(
         use_liger_kernel=models.liger_available() if cfg.use_liger_kernel is None else cfg.use_liger_kernel,
         torch_compile=cfg.torch_compile,
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        report_to=report_to or "none",
+        run_name=run_name,
         disable_tqdm=True,
         dataloader_num_workers=0,
         **length,
         **eval_args,
         **(distributed or {}),
     )
+
+
+@dataclass
+class Stage:
+    """One stage of a run: its config, data, output folder, and what it takes from the previous stage."""
+
+    index: int
+    name: str
+    cfg: TrainConfig
+    datasets: list[Path]
+    output_dir: Path
+    carry_optimizer: bool = False
+
+
+def plan_stages(req: TrainRequest, resolved: dict[str, Any]) -> list[Stage]:
+    """The stages a request runs: one for a plain request, else each `stages` entry over the run's config."""
+    output_dir = Path(resolved["output_dir"])
+    datasets = [Path(p) for p in resolved.get("dataset_paths") or [resolved["dataset_path"]]]
+    if not req.stages:
+        return [Stage(0, "main", req.config, datasets, output_dir)]
+    stored = resolved.get("stages") or [{} for _ in req.stages]
+    plans = []
+    for i, (stage, extra) in enumerate(zip(req.stages, stored, strict=True)):
+        plans.append(
+            Stage(
+                i,
+                stage.name or f"stage-{i + 1}",
+                stage_config(req.config, stage),
+                [Path(p) for p in extra.get("dataset_paths") or []] or datasets,
+                output_dir / f"stage-{i + 1}",
+                stage.carry_optimizer,
+            )
+        )
+    return plans
+
+
+def stage_config(base: TrainConfig, stage: StageConfig) -> TrainConfig:
+    """The run's config with the stage's own fields on top (a stage's length replaces the run's)."""
+    fields = stage.model_dump(exclude={"name", "dataset_path", "carry_optimizer"}, exclude_none=True)
+    if "max_steps" in fields or "num_train_epochs" in fields:
+        base = base.model_copy(update={"max_steps": None, "num_train_epochs": None})
+    return TrainConfig.model_validate({**base.model_dump(), **fields})
 
 
 @dataclass
@@ -130,32 +165,49 @@ class BuiltTrainer:
     output_dir: Path
     model_path: Path
     eval_ds: Any
+    data_stats: DataStats | None = None
 
 
-def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, request: dict[str, Any]) -> BuiltTrainer:
-    """The SFTTrainer a train task runs (no store: no progress reporting, as in tests and benches)."""
+def build_trainer(
+    settings: Settings,
+    store: TaskStore | None,
+    task_id: str,
+    request: dict[str, Any],
+    stage: Stage | None = None,
+    model_path: Path | None = None,
+    callbacks: list[Any] | None = None,
+) -> BuiltTrainer:
+    """The SFTTrainer of a train task or one of its stages (no store: no progress reporting, as in benches).
+
+    `model_path` overrides the request's model (a later stage starts from the previous stage's saved weights).
+    """
     from trl import SFTTrainer
 
     req = TrainRequest.model_validate(request["train"])
     resolved = request["resolved"]
-    output_dir = Path(resolved["output_dir"])
+    stage = stage or plan_stages(req, resolved)[0]
+    cfg, output_dir = stage.cfg, stage.output_dir
+    if int(os.environ.get("RANK", "0")) == 0 and stage.index == 0:
+        claim_output_dir(Path(resolved["output_dir"]), task_id)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_path = Path(resolved["model_path"])
+    # The files may have changed since the request was checked: check the sources again.
+    model_path = models.check_model_sources(model_path or Path(resolved["model_path"]), settings)
     strategy = STRATEGIES[req.strategy]()
     device, dtype = models.pick_device()
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per rank under torchrun
         import torch
 
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    packing = packing_for(settings, req.config, device)
-    attn = attention_for(req.config, packing, device)
+    packing = packing_for(settings, cfg, device)
+    attn = attention_for(cfg, packing, device)
     _event(
         store,
         task_id,
         f"loading {model_path.name} on {device} ({dtype}, {attn or 'default'} attention, "
         f"packing {'on' if packing else 'off'}) with strategy '{req.strategy}'",
     )
-    step_tokens = req.config.per_device_train_batch_size * (req.config.max_length or settings.train.max_length)
+    max_length = cfg.max_length or settings.train.max_length
+    step_tokens = cfg.per_device_train_batch_size * max_length
     if packing and device == "cuda" and step_tokens < BUSY_GPU_TOKENS:
         _event(
             store,
@@ -165,18 +217,32 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
         )
 
     tokenizer = models.load_tokenizer(models.tokenizer_dir(model_path))
-    train_ds = build_dataset(Path(resolved["dataset_path"]), tokenizer, req.config.assistant_only_loss)
+    train_ds, stats = build_dataset(stage.datasets, tokenizer, cfg.assistant_only_loss, max_length, cfg.truncate)
     eval_ds = None
     if resolved.get("eval_dataset_path"):
-        eval_ds = build_dataset(Path(resolved["eval_dataset_path"]), tokenizer, req.config.assistant_only_loss)
-    _event(store, task_id, f"dataset: {len(train_ds)} train records" + (f", {len(eval_ds)} eval" if eval_ds else ""))
+        eval_ds, _ = build_dataset(
+            [Path(resolved["eval_dataset_path"])], tokenizer, cfg.assistant_only_loss, max_length, True
+        )
+    _event(
+        store,
+        task_id,
+        f"dataset: {stats.processed} train records ({stats.truncated} truncated, {stats.skipped} skipped as "
+        f"longer than {max_length}, {stats.failed} failed)" + (f", {len(eval_ds)} eval" if eval_ds else ""),
+        stats.as_dict(),
+        "data",
+    )
+    if store is not None and stage.index == 0 and int(os.environ.get("RANK", "0")) == 0:
+        store.update_progress(task_id, metrics={"data_stats": stats.as_dict()})
 
     model = strategy.load_model(model_path, dtype, device, attn)
     # An adapter given as the model is already a trainable PeftModel: no second adapter on top.
-    peft_config = None if hasattr(model, "peft_config") else strategy.peft_config(req.config)
+    peft_config = None if hasattr(model, "peft_config") else strategy.peft_config(cfg)
     dist = distributed_args(resolved.get("distributed") or "ddp", device)
-    args = build_sft_config(settings, req.config, output_dir, eval_ds is not None, dtype, packing, dist)
-    callbacks = [StoreProgressCallback(store, task_id, output_dir / "trainer_log.jsonl")] if store else []
+    report_to = resolved.get("report_to")
+    if report_to is None:  # a task queued before report_to existed
+        report_to = tracking.trackers(req.config.report_to, settings.train.report_to)
+    tracking.apply(report_to, output_dir, settings)
+    args = build_sft_config(settings, cfg, output_dir, eval_ds is not None, dtype, packing, dist, report_to, task_id)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -184,58 +250,182 @@ def build_trainer(settings: Settings, store: TaskStore | None, task_id: str, req
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=callbacks,
+        callbacks=callbacks or [],
     )
     fuse_lora_layers(trainer.model)
-    return BuiltTrainer(trainer, req, tokenizer, args, device, dtype, output_dir, model_path, eval_ds)
+    return BuiltTrainer(trainer, req, tokenizer, args, device, dtype, output_dir, model_path, eval_ds, stats)
 
 
-def _event(store: TaskStore | None, task_id: str, message: str) -> None:
-    """A log event on the task (when there is a store; under torchrun from rank 0 only)."""
+def claim_output_dir(output_dir: Path, task_id: str) -> None:
+    """Create the output folder and mark it as a train output; refuse a folder holding anything else."""
+    check_replaceable(output_dir, "train")  # checked at request time too; the folder may have changed since
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(output_dir, "train", task_id)
+
+
+def _event(
+    store: TaskStore | None, task_id: str, message: str, data: dict[str, Any] | None = None, type_: str = "log"
+) -> None:
+    """An event on the task (when there is a store; under torchrun from rank 0 only)."""
     if store is not None and int(os.environ.get("RANK", "0")) == 0:
-        store.add_event(task_id, "log", message)
+        store.add_event(task_id, type_, message, data)
+
+
+STAGE_DONE = "stage_done.json"
+STAGE_OPTIMIZER = "optimizer_state.pt"
+
+
+def resume_point(stages: list[Stage], resolved: dict[str, Any]) -> tuple[int, str | None]:
+    """Where a (re)started task begins: the first unfinished stage, and the checkpoint to resume it from.
+
+    An auto-resumed task (resume_count > 0) continues from its own newest checkpoint; an explicit
+    resume_from_checkpoint names one, inside this run's stage folders or anywhere for the first stage.
+    """
+    explicit = resolved.get("resume_from_checkpoint")
+    if not explicit and not resolved.get("resume_count"):
+        return 0, None
+    start = next((s.index for s in stages if not (s.output_dir / STAGE_DONE).is_file()), len(stages))
+    if start == len(stages):  # every stage finished before the interruption: redo only the last one's save
+        start = len(stages) - 1
+    checkpoint = Path(explicit) if explicit else latest_checkpoint(stages[start].output_dir)
+    if checkpoint is not None and len(stages) > 1:
+        owner = next((s.index for s in stages if checkpoint.parent == s.output_dir), None)
+        if owner is not None:
+            start = owner
+        elif start > 0:
+            checkpoint = None
+    return start, str(checkpoint) if checkpoint else None
 
 
 def run_training(settings: Settings, store: TaskStore, task_id: str, request: dict[str, Any]) -> dict[str, Any]:
-    """Train as the request says, save the result to output_dir, and return the final metrics."""
-    built = build_trainer(settings, store, task_id, request)
-    trainer, req, tokenizer, args = built.trainer, built.req, built.tokenizer, built.args
-    output_dir, model_path, eval_ds = built.output_dir, built.model_path, built.eval_ds
-    is_adapter = hasattr(trainer.model, "peft_config")
-    if is_adapter:
-        trainable, total = trainer.model.get_nb_trainable_parameters()
-        _event(store, task_id, f"trainable parameters: {trainable:,} of {total:,}")
-    result = trainer.train()
-    trainer.save_model(str(output_dir))  # every rank takes part (FSDP gathers shards); rank 0 writes
-    # Evaluation is collective under torchrun: every rank runs it before rank 0 alone writes the rest.
-    eval_metrics = numeric_metrics(trainer.evaluate()) if eval_ds is not None else {}
-    if not trainer.is_world_process_zero():
-        return numeric_metrics(result.metrics)
-    tokenizer.save_pretrained(str(output_dir))
+    """Train as the request says (stage by stage), save the result to output_dir, and return the final metrics."""
+    req = TrainRequest.model_validate(request["train"])
+    resolved = request["resolved"]
+    output_dir = Path(resolved["output_dir"])
+    stages = plan_stages(req, resolved)
+    start, checkpoint = resume_point(stages, resolved)
+    if checkpoint:
+        _event(store, task_id, f"resuming from {checkpoint} (resume {resolved.get('resume_count') or 0})")
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    stage_reports: list[dict[str, Any]] = []
+    for done in stages[:start]:
+        report = json.loads((done.output_dir / STAGE_DONE).read_text(encoding="utf-8"))
+        stage_reports.append(report)
+    offset = sum(r["global_step"] for r in stage_reports)
+    model_path = stages[start - 1].output_dir if start else Path(resolved["model_path"])
+    for stage in stages[start:]:
+        later = sum(s.cfg.max_steps or 0 for s in stages[stage.index + 1 :])
+        callbacks: list[Any] = []
+        if rank0:
+            callbacks.append(
+                StoreProgressCallback(
+                    store, task_id, output_dir / "trainer_log.jsonl", offset, later,
+                    stage.name if len(stages) > 1 else None,
+                )
+            )  # fmt: skip
+        resume_here = checkpoint if stage.index == start else None
+        previous = stages[stage.index - 1].output_dir / STAGE_OPTIMIZER if stage.index else None
+        if stage.carry_optimizer and previous is not None and previous.is_file() and not resume_here:
+            callbacks.append(LoadOptimizerState(previous))
+        if len(stages) > 1:
+            _event(store, task_id, f"stage {stage.index + 1}/{len(stages)} '{stage.name}' from {model_path.name}")
+        built = build_trainer(settings, store, task_id, request, stage, model_path, callbacks)
+        report = _train_stage(built, resume_here, stage, stages, store, task_id)
+        stage_reports.append(report)
+        offset += report["global_step"]
+        model_path = stage.output_dir
+    final = built
+    if not final.trainer.is_world_process_zero():
+        return report["metrics"]
+    if len(stages) > 1:  # the last stage's weights are the run's result
+        final.trainer.save_model(str(output_dir))
+    final.tokenizer.save_pretrained(str(output_dir))
+    data_stats = stage_reports[0]["data_stats"]
     (output_dir / "training_args.json").write_text(
         json.dumps(
             {
                 "strategy": req.strategy,
                 "request": req.model_dump(),
-                "base_model": str(model_path),
-                "device": built.device,
-                "dtype": built.dtype,
-                "world_size": args.world_size,
-                "sft_config": args.to_dict(),
+                "base_model": resolved["model_path"],
+                "device": final.device,
+                "dtype": final.dtype,
+                "world_size": final.args.world_size,
+                "data_stats": data_stats,
+                "stages": stage_reports if len(stages) > 1 else None,
+                "resume_count": resolved.get("resume_count") or 0,
+                "sft_config": final.args.to_dict(),
             },
             indent=2,
             default=str,
         ),
         encoding="utf-8",
     )
-    metrics = numeric_metrics(result.metrics)
-    metrics["final_loss"] = finite(_last_loss(trainer.state.log_history))
-    metrics["global_step"] = trainer.state.global_step
-    metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
-    metrics.update(eval_metrics)
+    metrics = dict(report["metrics"])
+    metrics["global_step"] = offset
+    metrics["data_stats"] = data_stats
+    metrics["resume_count"] = resolved.get("resume_count") or 0
+    if len(stages) > 1:
+        metrics["stages"] = stage_reports
+    is_adapter = hasattr(final.trainer.model, "peft_config")
+    eval_records = len(final.eval_ds) if final.eval_ds is not None else None
+    train_records = int(data_stats["processed"]) if data_stats else 0
+    card = model_card(req, Path(resolved["model_path"]), is_adapter, train_records, eval_records, metrics, task_id)
+    (output_dir / "README.md").write_text(card, encoding="utf-8")  # replaces TRL's card, which links a hub "None"
     store.add_event(task_id, "log", f"saved {'adapter' if is_adapter else 'model'} to {output_dir}")
     log.info("task %s done in pid %s", task_id, os.getpid())
     return metrics
+
+
+def final_evaluation(trainer: Any) -> dict[str, Any]:
+    """The eval metrics at the last step: reused when the trainer has just evaluated there, else evaluated now."""
+    state = trainer.state
+    last = next((r for r in reversed(state.log_history) if "eval_loss" in r), None)
+    if last is not None and last.get("step") == state.global_step:
+        return numeric_metrics({k: v for k, v in last.items() if k.startswith("eval_")})
+    return numeric_metrics(trainer.evaluate())
+
+
+def _train_stage(
+    built: BuiltTrainer,
+    checkpoint: str | None,
+    stage: Stage,
+    stages: list[Stage],
+    store: TaskStore,
+    task_id: str,
+) -> dict[str, Any]:
+    """Run one stage's trainer, save its weights (and, for a stage that carries it, the optimizer); its report."""
+    trainer = built.trainer
+    if hasattr(trainer.model, "peft_config") and stage.index == 0 and not checkpoint:
+        trainable, total = trainer.model.get_nb_trainable_parameters()
+        _event(store, task_id, f"trainable parameters: {trainable:,} of {total:,}")
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(str(stage.output_dir))  # every rank takes part (FSDP gathers shards); rank 0 writes
+    # Evaluation is collective under torchrun: every rank runs it before rank 0 alone writes the rest.
+    eval_metrics = final_evaluation(trainer) if built.eval_ds is not None else {}
+    metrics = numeric_metrics(result.metrics)
+    metrics["final_loss"] = finite(_last_loss(trainer.state.log_history))
+    metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
+    metrics.update(eval_metrics)
+    report = {
+        "stage": stage.index + 1,
+        "name": stage.name,
+        "max_length": built.data_stats.max_length if built.data_stats else None,
+        "learning_rate": stage.cfg.learning_rate,
+        "global_step": trainer.state.global_step,
+        "resumed_from": checkpoint,
+        "data_stats": built.data_stats.as_dict() if built.data_stats else None,
+        "metrics": metrics,
+    }
+    if trainer.is_world_process_zero() and len(stages) > 1:
+        following = stages[stage.index + 1] if stage.index + 1 < len(stages) else None
+        if following is not None and following.carry_optimizer:
+            import torch
+
+            torch.save(trainer.optimizer.state_dict(), stage.output_dir / STAGE_OPTIMIZER)
+        (stage.output_dir / STAGE_DONE).write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    if len(stages) > 1:
+        _event(store, task_id, f"stage '{stage.name}' done at step {trainer.state.global_step}", report, "stage")
+    return report
 
 
 def numeric_metrics(values: dict[str, Any]) -> dict[str, Any]:

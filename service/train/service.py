@@ -9,10 +9,12 @@ from entity.train import TrainRequest
 from service import models
 from service.data import load_conversations
 from service.jobs import JobRunner
-from service.train import attention
+from service.train import attention, tracking
+from service.train.checkpoints import latest_checkpoint
 from service.train.strategies import STRATEGIES
 from util.errors import ConflictError, InvalidInputError, NotFoundError
-from util.paths import resolve_client_path
+from util.files import check_replaceable
+from util.paths import resolve_client_path, resolve_output
 from util.settings import Settings
 
 
@@ -26,23 +28,27 @@ def usable_cores() -> int:
 
 def task_request(
     req: TrainRequest,
-    dataset: Path,
+    dataset: Path | list[Path],
     eval_dataset: Path | None,
     model_path: Path,
     output_dir: Path,
     num_processes: int = 1,
     distributed: str = "ddp",
+    **extra: Any,
 ) -> dict[str, Any]:
     """The stored request of a train task: what the client asked, plus what it resolved to."""
+    datasets = dataset if isinstance(dataset, list) else [dataset]
     return {
         "train": req.model_dump(),
         "resolved": {
-            "dataset_path": str(dataset),
+            "dataset_path": str(datasets[0]),
+            "dataset_paths": [str(p) for p in datasets],
             "eval_dataset_path": str(eval_dataset) if eval_dataset else None,
             "model_path": str(model_path),
             "output_dir": str(output_dir),
             "num_processes": num_processes,
             "distributed": distributed,
+            **extra,
         },
     }
 
@@ -67,24 +73,48 @@ class TrainService:
             )
         return path
 
+    def _datasets(self, raw: str | list[str], field: str) -> list[Path]:
+        """Resolve one or several dataset paths (each checked like a single one)."""
+        paths = [raw] if isinstance(raw, str) else raw
+        return [self._dataset(p, field) for p in paths]
+
+    def _resume(self, req: TrainRequest, output_dir: Path) -> str | None:
+        """The checkpoint an explicit resume_from_checkpoint names (true: the newest one in output_dir)."""
+        wanted = req.resume_from_checkpoint
+        if wanted is None or wanted is False:
+            return None
+        if wanted is True:
+            found = latest_checkpoint(output_dir) if output_dir.is_dir() else None
+            if found is None:
+                raise NotFoundError(
+                    f"resume_from_checkpoint: output_dir '{output_dir}' holds no checkpoint to resume from.",
+                    details={"resume_from_checkpoint": True, "output_dir": str(output_dir)},
+                )
+            return str(found)
+        path = resolve_client_path(wanted, self.settings.model_dir, self.settings.roots)
+        if not (path / "trainer_state.json").is_file():
+            raise NotFoundError(
+                f"resume_from_checkpoint '{wanted}' is not a checkpoint folder (no trainer_state.json).",
+                details={"resume_from_checkpoint": wanted},
+            )
+        return str(path)
+
     def _output_dir(self, raw: str | None, task_id: str, overwrite: bool) -> Path:
-        """Resolve the output folder and refuse one that is busy or (without overwrite) not empty."""
-        if raw is None:
-            path = self.settings.model_dir / "outputs" / task_id
-        else:
-            path = resolve_client_path(raw, self.settings.model_dir, self.settings.roots)
+        """Resolve the output folder; refuse a busy one, a foreign one, and (without overwrite) an earlier output."""
+        name = raw or f"outputs/{task_id}"
+        path = resolve_output(name, self.settings.model_dir, self.settings)
         if path.exists() and not path.is_dir():
-            raise ConflictError(f"output_dir '{path}' is a file.", details={"output_dir": str(path)})
+            raise ConflictError(f"output_dir '{name}' is a file.", details={"output_dir": name})
         busy = self.runner.store.active_with_output(str(path))
         if busy:
             raise ConflictError(
-                f"Task {busy[0].id} is already writing to '{path}'.",
-                details={"output_dir": str(path), "task_id": busy[0].id},
+                f"Task {busy[0].id} is already writing to '{name}'.",
+                details={"output_dir": name, "task_id": busy[0].id},
             )
-        if path.is_dir() and any(path.iterdir()) and not overwrite:
+        if check_replaceable(path, TaskKind.train, name) and not overwrite:
             raise ConflictError(
-                f"output_dir '{path}' is not empty; choose another or pass \"overwrite\": true.",
-                details={"output_dir": str(path)},
+                f"output_dir '{name}' is not empty; choose another or pass \"overwrite\": true.",
+                details={"output_dir": name},
             )
         return path
 
@@ -122,16 +152,32 @@ class TrainService:
             raise InvalidInputError(
                 'attn_implementation "varlen" needs packing and a CUDA GPU; leave it "auto" to use it where it can run.'
             )
-        dataset = self._dataset(req.dataset_path, "dataset_path")
+        report_to = tracking.trackers(req.config.report_to, self.settings.train.report_to)
+        tracking.check_installed(report_to)
+        datasets = self._datasets(req.dataset_path, "dataset_path")
+        stage_data = [
+            [str(p) for p in self._datasets(stage.dataset_path, f"stages.{i}.dataset_path")]
+            for i, stage in enumerate(req.stages or [])
+            if stage.dataset_path is not None
+        ]
         eval_dataset = None
         if req.config.eval_dataset_path:
             eval_dataset = self._dataset(req.config.eval_dataset_path, "eval_dataset_path")
         model_path = models.resolve_model(req.config.model_path, self.settings)
         task_id = self.runner.store.new_id()
-        output_dir = self._output_dir(req.output_dir, task_id, req.overwrite)
+        # Resuming into its own output_dir writes on top of the checkpoints there: no overwrite needed.
+        output_dir = self._output_dir(req.output_dir, task_id, req.overwrite or req.resume_from_checkpoint is True)
+        resume = self._resume(req, output_dir)
         distributed = req.config.distributed or self.settings.train.distributed
         processes = self._processes(req)
         if distributed == "fsdp" and processes > 1 and not models.gpu_count():
             raise InvalidInputError('FSDP needs CUDA GPUs; on CPU use "distributed": "ddp".')
-        request = task_request(req, dataset, eval_dataset, model_path, output_dir, processes, distributed)
+        stages = [
+            {"dataset_paths": stage_data.pop(0) if stage.dataset_path is not None else None}
+            for stage in (req.stages or [])
+        ]
+        request = task_request(
+            req, datasets, eval_dataset, model_path, output_dir, processes, distributed,
+            report_to=report_to, resume_from_checkpoint=resume, resume_count=0, stages=stages or None,
+        )  # fmt: skip
         return self.runner.submit(TaskKind.train, request, str(output_dir), task_id)
