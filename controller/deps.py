@@ -7,6 +7,8 @@ from fastapi import Depends, Request
 from service.data import DataService
 from service.eval import EvalService
 from service.export import ExportService
+from service.fine_tuning.files import FileService
+from service.fine_tuning.jobs import FineTuningService
 from service.inference import InferenceService
 from service.jobs import JobRunner
 from service.outputs import OutputFileService
@@ -61,6 +63,16 @@ def get_run_service(request: Request) -> RunService:
     return request.app.state.run_service
 
 
+def get_file_service(request: Request) -> FileService:
+    """The OpenAI file store."""
+    return request.app.state.file_service
+
+
+def get_fine_tuning_service(request: Request) -> FineTuningService:
+    """The OpenAI fine-tuning job service."""
+    return request.app.state.fine_tuning_service
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[TaskStore, Depends(get_store)]
 RunnerDep = Annotated[JobRunner, Depends(get_runner)]
@@ -70,6 +82,8 @@ InferenceServiceDep = Annotated[InferenceService, Depends(get_inference_service)
 ExportServiceDep = Annotated[ExportService, Depends(get_export_service)]
 EvalServiceDep = Annotated[EvalService, Depends(get_eval_service)]
 RunServiceDep = Annotated[RunService, Depends(get_run_service)]
+FileServiceDep = Annotated[FileService, Depends(get_file_service)]
+FineTuningServiceDep = Annotated[FineTuningService, Depends(get_fine_tuning_service)]
 
 
 def get_output_file_service(request: Request) -> OutputFileService:

@@ -21,11 +21,13 @@ def error_response(
     details: Any = None,
     request: Request | None = None,
     headers: dict[str, str] | None = None,
+    code: str | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
     """The single JSON error shape; under /v1 it also carries OpenAI's `code` and `param` keys."""
     error: dict[str, Any] = {"type": type_, "message": message, "details": jsonable_encoder(details)}
     if request is not None and request.url.path.startswith("/v1/"):
-        error.update(code=type_, param=None)
+        error.update(code=code or type_, param=param)
     return JSONResponse(status_code=status, content={"error": error}, headers=headers)
 
 
@@ -34,7 +36,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AppError)
     async def _app_error(request: Request, exc: AppError) -> JSONResponse:
-        return error_response(exc.status_code, exc.error_type, exc.message, exc.details, request, exc.headers)
+        code, param = getattr(exc, "code", None), getattr(exc, "param", None)
+        return error_response(
+            exc.status_code, exc.error_type, exc.message, exc.details, request, exc.headers, code, param
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

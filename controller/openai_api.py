@@ -10,16 +10,15 @@ from fastapi import APIRouter, Body
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from controller.deps import InferenceServiceDep
+from controller.deps import FineTuningServiceDep, InferenceServiceDep
 from controller.openapi import error_responses
 from entity import examples
+from entity.fine_tuning import ModelList
 from entity.inference import (
     OpenAIAssistantMessage,
     OpenAIChatCompletion,
     OpenAIChatRequest,
     OpenAIChoice,
-    OpenAIModel,
-    OpenAIModelList,
     OpenAIUsage,
 )
 from util.errors import InvalidInputError, validation_message
@@ -27,13 +26,10 @@ from util.errors import InvalidInputError, validation_message
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
-@router.get("/models", response_model=OpenAIModelList, summary="List models (OpenAI)")
-def list_models(service: InferenceServiceDep) -> OpenAIModelList:
-    """Models a request can name: base models and succeeded train tasks (by task id)."""
-    data = [
-        OpenAIModel(id=name, created=int(created), owned_by="win-train") for name, _, created in service.served_models()
-    ]
-    return OpenAIModelList(data=data)
+@router.get("/models", response_model=ModelList, summary="List models (OpenAI)")
+def list_models(service: InferenceServiceDep, fine_tuning: FineTuningServiceDep) -> ModelList:
+    """Models a request can name: base models, fine-tuned models (ft:...) and other succeeded train tasks (by id)."""
+    return ModelList(data=fine_tuning.model_list(service.served_models()))
 
 
 def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None) -> str:

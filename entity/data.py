@@ -1,6 +1,7 @@
 """Request and response schemas of the data API."""
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -72,6 +73,9 @@ class ValidateResponse(BaseModel):
         default_factory=list, description="The first data.max_errors_reported duplicates."
     )
     token_stats: LengthStats | None
+    kind: Literal["chat", "preference"] | None = Field(
+        None, description="chat (SFT) or preference (DPO) records; set by the file's first valid record."
+    )
 
 
 class SplitConfig(BaseModel):

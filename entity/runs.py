@@ -170,6 +170,7 @@ class OptimStepRequest(BaseModel):
     learning_rate: float = Field(1e-4, gt=0, le=1)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0, le=1, description="Adam's epsilon.")
     weight_decay: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm before the step.")
 

@@ -35,10 +35,11 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class TaskStatus(StrEnum):
-    """Lifecycle: queued -> running -> succeeded | failed | cancelled."""
+    """Lifecycle: queued -> running -> succeeded | failed | cancelled; a training task may pause and resume."""
 
     queued = "queued"
     running = "running"
+    paused = "paused"  # a checkpoint saved and the process gone; resume queues it again
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"

@@ -7,6 +7,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from entity.common import MAX_TRAIN_SEED
 from util.settings import Tracker
 
+DpoLoss = Literal[
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "apo_zero", "apo_down"
+]
+
 
 class LoraConfigIn(BaseModel):
     """PEFT LoRA hyperparameters."""
@@ -72,7 +76,13 @@ class TrainConfig(BaseModel):
         None, ge=1, le=64, description="Processes (one per GPU) for this task; default train.num_gpus of the config."
     )
     distributed: Literal["ddp", "fsdp"] | None = Field(None, description="Default train.distributed of the config.")
-    lora_config: LoraConfigIn | None = None
+    lora_config: LoraConfigIn | None = Field(
+        None, description="LoRA settings (lora strategy: defaults when left out; dpo: LoRA when given, else full)."
+    )
+    beta: float | None = Field(
+        None, gt=0, le=100, description="dpo only: how far the policy may move from the reference (default 0.1)."
+    )
+    loss_type: DpoLoss | None = Field(None, description="dpo only: TRL's DPO loss (default sigmoid, the paper's).")
     report_to: Tracker | list[Tracker] | None = Field(
         None,
         description="Experiment trackers fed with the training metrics: none, tensorboard (event files in the output "
@@ -132,7 +142,11 @@ class TrainRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: str = Field(..., description="A registered strategy: 'trl' (full SFT) or 'lora'.", examples=["lora"])
+    strategy: str = Field(
+        ...,
+        description="A registered strategy: 'trl' (full SFT), 'lora', or 'dpo' (preference data).",
+        examples=["lora"],
+    )
     dataset_path: str | list[str] = Field(
         ..., description="A chat data file, or several merged in order (relative to the data dir)."
     )

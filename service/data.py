@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from entity.data import (
     DataFile,
@@ -38,6 +38,9 @@ from util.files import check_replaceable, default_dir_mode, write_marker
 from util.paths import resolve_client_path, resolve_output
 from util.settings import Settings
 
+if TYPE_CHECKING:
+    from service.tasks import TaskStore
+
 ROLE_ALIASES = {
     "system": "system",
     "user": "user",
@@ -56,6 +59,7 @@ UPLOAD_MARKERS = ".uploaded"  # uploads/.uploaded/NAME marks uploads/NAME as sen
 NOT_DATASETS = ("logs",)  # folders of the data dir that hold no datasets (task logs)
 
 Message = dict[str, str]
+Preference = dict[str, list[Message]]  # {"prompt": [...], "chosen": [...], "rejected": [...]}
 
 
 class RecordInvalid(ValueError):
@@ -180,7 +184,7 @@ def read_records(path: Path) -> Iterator[ParsedRecord]:
             yield ParsedRecord(lineno, error=reason) if reason else ParsedRecord(lineno, obj)
 
 
-def conversation_key(messages: list[Message]) -> str:
+def conversation_key(messages: Any) -> str:
     """The duplicate key: two records are duplicates when their normalised conversations are equal.
 
     Normalisation maps every format to the same role/content messages and trims and unifies each content's
@@ -281,6 +285,81 @@ def normalize_record(obj: Any) -> tuple[str, list[Message]]:
     return fmt, messages
 
 
+def _turns_or_text(value: Any, role: str, what: str) -> list[Message]:
+    """A preference field as messages: a string becomes one `role` message, a list is read as turns."""
+    if isinstance(value, str):
+        return [{"role": role, "content": _content(value, 0)}]
+    try:
+        return _messages_from_turns(value, "role", "content")
+    except RecordInvalid as exc:
+        raise RecordInvalid(f"{what}: {exc}") from None
+
+
+def is_preference_record(obj: Any) -> bool:
+    """Whether a record is preference data (OpenAI's DPO JSONL or TRL's prompt/chosen/rejected), not chat."""
+    return isinstance(obj, dict) and (
+        "preferred_output" in obj or "non_preferred_output" in obj or ("chosen" in obj and "rejected" in obj)
+    )
+
+
+def normalize_preference(obj: Any) -> tuple[str, Preference]:
+    """Detect a preference record's format and return (format, {prompt, chosen, rejected} as messages).
+
+    OpenAI's DPO format is `input.messages` + `preferred_output` + `non_preferred_output`; TRL's is
+    `prompt` / `chosen` / `rejected`, each a string (a user prompt, an assistant answer) or a list of messages.
+    """
+    if not isinstance(obj, dict):
+        raise RecordInvalid("record is not a JSON object")
+    if "preferred_output" in obj or "non_preferred_output" in obj:
+        fmt = "openai_dpo"
+        inp = obj.get("input")
+        if not isinstance(inp, dict) or "messages" not in inp:
+            raise RecordInvalid("'input' must be an object with a 'messages' list")
+        missing = [k for k in ("preferred_output", "non_preferred_output") if k not in obj]
+        if missing:
+            raise RecordInvalid(f"missing {' and '.join(repr(k) for k in missing)}")
+        prompt = _turns_or_text(inp["messages"], "user", "input.messages")
+        chosen = _turns_or_text(obj["preferred_output"], "assistant", "preferred_output")
+        rejected = _turns_or_text(obj["non_preferred_output"], "assistant", "non_preferred_output")
+    elif all(k in obj for k in ("prompt", "chosen", "rejected")):
+        fmt = "preference"
+        prompt = _turns_or_text(obj["prompt"], "user", "prompt")
+        chosen = _turns_or_text(obj["chosen"], "assistant", "chosen")
+        rejected = _turns_or_text(obj["rejected"], "assistant", "rejected")
+    else:
+        raise RecordInvalid("preference record needs 'prompt', 'chosen' and 'rejected'")
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if any(m["role"] != "assistant" for m in answer):
+            raise RecordInvalid(f"{name}: every message must be an assistant message")
+    if prompt[-1]["role"] != "user":
+        raise RecordInvalid("the prompt must end with a user turn")
+    check_conversation(prompt + chosen[:1])
+    if chosen == rejected:
+        raise RecordInvalid("chosen and rejected answers are identical")
+    return fmt, {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def normalize_any(obj: Any) -> tuple[str, str, Any]:
+    """(kind, format, normalised record) of a chat or preference record; kind is 'chat' or 'preference'."""
+    if is_preference_record(obj):
+        fmt, pref = normalize_preference(obj)
+        return "preference", fmt, pref
+    fmt, messages = normalize_record(obj)
+    return "chat", fmt, messages
+
+
+def load_preferences(path: Path) -> list[Preference]:
+    """All valid preference records of a file, as prompt/chosen/rejected messages (invalid ones skipped)."""
+    result = []
+    for rec in read_records(path):
+        if rec.error is None and is_preference_record(rec.obj):
+            try:
+                result.append(normalize_preference(rec.obj)[1])
+            except RecordInvalid:
+                continue
+    return result
+
+
 def load_conversations(path: Path) -> list[list[Message]]:
     """All valid conversations of a file, normalised (invalid records are skipped)."""
     result = []
@@ -348,15 +427,31 @@ class _Deadline:
             )
 
 
+def _same_kind(kind: str | None, found: str, fmt: str, record: Any, records: list[Any], formats: Counter[str]) -> str:
+    """Keep a record of the file's kind (set by its first valid record); a record of the other kind is invalid."""
+    if kind is not None and found != kind:
+        raise RecordInvalid(f"a {found} record in a {kind} file: one file holds chat or preference records, not both")
+    formats[fmt] += 1
+    records.append(record)
+    return found
+
+
 class DataService:
     """Validate, process and store chat datasets inside the configured roots."""
 
-    def __init__(self, settings: Settings) -> None:
-        """Bind to the settings (roots, limits, default model)."""
+    def __init__(self, settings: Settings, store: "TaskStore | None" = None) -> None:
+        """Bind to the settings (roots, limits, default model) and the task store (to name trained models)."""
         self.settings = settings
         self._summaries: dict[Path, tuple[tuple[int, int], tuple[int, int, Counter[str]]]] = {}
         self._lock = threading.Lock()
         self._delete_lock = threading.Lock()
+        self.store = store
+
+    def _model(self, model: str | None) -> Path:
+        """The model whose tokenizer measures lengths: a base, a train task id or a fine-tuned name."""
+        if self.store is None:
+            return models.resolve_model(model, self.settings)
+        return models.resolve_model_ref(model, self.settings, self.store)
 
     def resolve_input(self, raw: str) -> Path:
         """Resolve a client file path inside the roots and require that it exists."""
@@ -383,7 +478,8 @@ class DataService:
         errors: list[RecordError] = []
         invalid = 0
         total = 0
-        conversations: list[list[Message]] = []
+        kind: str | None = None
+        records: list[Any] = []
         first_line: dict[str, int] = {}
         duplicates: list[DuplicateRecord] = []
         duplicate_count = 0
@@ -394,10 +490,8 @@ class DataService:
             reason = rec.error
             if reason is None:
                 try:
-                    fmt, messages = normalize_record(rec.obj)
-                    formats[fmt] += 1
-                    conversations.append(messages)
-                    key = conversation_key(messages)
+                    kind = _same_kind(kind, *normalize_any(rec.obj), records, formats)
+                    key = conversation_key(records[-1])
                     if key in first_line:
                         duplicate_count += 1
                         if len(duplicates) < limit:
@@ -411,12 +505,22 @@ class DataService:
             if len(errors) < limit:
                 errors.append(RecordError(line=rec.line, reason=reason))
         stats = None
-        if conversations:
-            tokenizer = models.load_tokenizer(models.tokenizer_dir(models.resolve_model(model, self.settings)))
+        if records:
+            tokenizer = models.load_tokenizer(models.tokenizer_dir(self._model(model)))
             lengths: list[int] = []
-            for start in range(0, len(conversations), TOKENIZE_CHUNK):
+            for start in range(0, len(records), TOKENIZE_CHUNK):
                 deadline.check(start + 1, "measuring token lengths")
-                texts = [models.render_chat(tokenizer, conv) for conv in conversations[start : start + TOKENIZE_CHUNK]]
+                chunk = records[start : start + TOKENIZE_CHUNK]
+                if kind == "preference":  # the longer of the two answers
+                    lengths += [
+                        max(
+                            len(models.chat_token_ids(tokenizer, p["prompt"] + p[side]))
+                            for side in ("chosen", "rejected")
+                        )
+                        for p in chunk
+                    ]
+                    continue
+                texts = [models.render_chat(tokenizer, conv) for conv in chunk]
                 # One batched call per chunk: the Rust tokenizer releases the GIL, so other requests keep running.
                 lengths += [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
             stats = length_stats(lengths, max_length)
@@ -432,6 +536,7 @@ class DataService:
             duplicate_count=duplicate_count,
             duplicates=duplicates,
             token_stats=stats,
+            kind=kind,
         )
 
     def process(self, req: ProcessRequest) -> ProcessResponse:
@@ -453,25 +558,29 @@ class DataService:
         total = invalid = duplicates = 0
         seen: dict[str, int] = {}
         dropped: list[DuplicateRecord] = []
-        kept: list[list[Message]] = []
+        kept: list[Any] = []
+        kind: str | None = None
         for rec in (rec for path in paths for rec in read_records(path)):  # merged in order
             total += 1
             if rec.error is not None:
                 invalid += 1
                 continue
             try:
-                _, messages = normalize_record(rec.obj)
+                found, _, record = normalize_any(rec.obj)
+                if kind is not None and found != kind:
+                    raise RecordInvalid("mixed kinds")
             except RecordInvalid:
                 invalid += 1
                 continue
-            key = conversation_key(messages)
+            kind = found
+            key = conversation_key(record)
             if key in seen:
                 duplicates += 1
                 if len(dropped) < self.settings.data.max_errors_reported:
                     dropped.append(DuplicateRecord(line=rec.line, duplicate_of=seen[key]))
                 continue
             seen[key] = rec.line
-            kept.append(messages)
+            kept.append(record)
         if not kept:
             raise InvalidInputError(
                 f"'{', '.join(req.inputs())}' has no valid records to split; run /api/data/validate to see why.",
@@ -490,8 +599,10 @@ class DataService:
         for name, records in parts.items():
             tmp = targets[name].with_suffix(".jsonl.tmp")
             with tmp.open("w", encoding="utf-8") as fh:
-                for messages in records:
-                    fh.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+                for record in records:
+                    # Chat records become {"messages": [...]}; preference records TRL's prompt/chosen/rejected.
+                    row = record if kind == "preference" else {"messages": record}
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             tmp.replace(targets[name])  # atomic: a reader never sees a half-written split
             splits[name] = SplitFile(path=str(targets[name]), count=len(records))
         return ProcessResponse(

@@ -64,8 +64,48 @@ def resolve_model(identifier: str | None, settings: Settings) -> Path:
 TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
+FT_NAME = re.compile(r"^ft:(?P<base>[^:]+):(?P<suffix>[^:]*):(?P<task>[0-9a-f]{32})(?::ckpt-step-(?P<step>[0-9]+))?$")
+
+
+def fine_tuned_name(task: Any) -> str | None:
+    """The OpenAI-style name of a job's model, ft:<base>:<suffix>:<task id>; None for a task not made as a job."""
+    meta = (task.request or {}).get("openai")
+    if not meta:
+        return None
+    return f"ft:{meta['base']}:{meta.get('suffix') or ''}:{task.id}"
+
+
+def resolve_fine_tuned(identifier: str, store: "TaskStore") -> Path:
+    """The folder of a fine-tuned model name, or of one of its checkpoints (<name>:ckpt-step-<N>)."""
+    match = FT_NAME.match(identifier)
+    task = None
+    if match:
+        try:
+            task = store.get(match["task"])
+        except NotFoundError:
+            task = None
+    if task is None or fine_tuned_name(task) != identifier.split(":ckpt-step-")[0]:
+        raise NotFoundError(f"Model '{identifier}' was not found.", details={"model": identifier})
+    out = Path(task.output_dir or "")
+    if match["step"] is not None:
+        path = out / f"checkpoint-{match['step']}"
+        if not is_model_dir(path):
+            raise NotFoundError(f"Checkpoint '{identifier}' is gone (older checkpoints are pruned).")
+        return path
+    if task.status != "succeeded":
+        raise ConflictError(
+            f"Model '{identifier}' is not ready: its job is {task.status}.",
+            details={"model": identifier, "status": task.status},
+        )
+    if not is_model_dir(out):
+        raise NotFoundError(f"Model '{identifier}' was deleted.", details={"model": identifier})
+    return out
+
+
 def resolve_model_ref(identifier: str | None, settings: Settings, store: "TaskStore") -> Path:
-    """Like resolve_model, but also accept the id of a finished train task (its output folder)."""
+    """Like resolve_model, but also accept the id of a finished train task or a fine-tuned model name (ft:...)."""
+    if identifier and identifier.startswith("ft:"):
+        return resolve_fine_tuned(identifier, store)
     if identifier and TASK_ID.match(identifier):
         try:
             task = store.get(identifier)

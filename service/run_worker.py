@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from entity.runs import ChatExample, ForwardBackwardRequest, OptimStepRequest, RunRow, RunStatus, SampleRequest
-from service import models
+from service import losses, models
 from service.runs import RUN_STATE_KIND, RunStore, checkpoint_dir
 from service.tasks import make_engine
 from service.train.fused_lora import fuse_lora_layers
@@ -118,7 +118,7 @@ class RunState:
         if all(p.grad is None for p in self.params):
             raise JobError("there are no accumulated gradients: call forward_backward first")
         for group in self.optimizer.param_groups:
-            group.update(lr=req.learning_rate, betas=(req.beta1, req.beta2), weight_decay=req.weight_decay)
+            group.update(lr=req.learning_rate, betas=(req.beta1, req.beta2), eps=req.eps, weight_decay=req.weight_decay)
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         if req.max_grad_norm is not None:
@@ -140,48 +140,225 @@ class RunState:
             ]
         if any(not p for p in prompts):
             raise JobError("a prompt is empty")
+        generated = self.generate(
+            prompts,
+            num_samples=req.num_samples,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=-1,
+            seed=req.seed,
+            stop_ids=sorted(models.eos_ids(self.model, self.tokenizer)),
+        )
+        results: list[dict[str, Any]] = []
+        for prompt, samples in zip(prompts, generated, strict=True):
+            results.append(
+                {
+                    "prompt_tokens": len(prompt),
+                    "samples": [
+                        {
+                            "text": self.tokenizer.decode(s["tokens"], skip_special_tokens=True),
+                            "tokens": s["tokens"],
+                            "logprobs": [round(x, 6) for x in s["logprobs"]],
+                            "finish_reason": "stop" if s["stop_reason"] == "stop" else "length",
+                        }
+                        for s in samples
+                    ],
+                }
+            )
+        return {"results": results, "step": self.steps}
+
+    def loss_step(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Tinker's forward / forward_backward: per-token target logprobs and one of its losses (summed)."""
+        fn = losses.LOSSES.get(request["loss_fn"])
+        if fn is None:
+            raise JobError(f"unknown loss_fn '{request['loss_fn']}'")
+        config = request.get("config") or {}
+        forward_only = bool(request.get("forward_only"))
+        data = request["data"]
+        width = max(len(d["tokens"]) for d in data)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(data), width), pad, dtype=torch.long)
+        targets = torch.zeros((len(data), width), dtype=torch.long)
+        mask = torch.zeros((len(data), width), dtype=torch.long)
+        for i, d in enumerate(data):
+            n = len(d["tokens"])
+            ids[i, :n] = torch.tensor(d["tokens"])
+            targets[i, :n] = torch.tensor([int(t) for t in d["inputs"]["target_tokens"]])
+            mask[i, :n] = 1
+        ids, targets, mask = ids.to(self.device), targets.to(self.device), mask.to(self.device)
+        self.model.train()
+        with torch.set_grad_enabled(not forward_only):
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            logp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+            logp = logp.view(len(data), width)
+            total = torch.zeros((), device=self.device)
+            outputs = []
+            for i, d in enumerate(data):
+                n = len(d["tokens"])
+                inputs = {
+                    k: torch.tensor(v, dtype=torch.float32, device=self.device)
+                    for k, v in d["inputs"].items()
+                    if k != "target_tokens"
+                }
+                try:
+                    elementwise = fn(logp[i, :n], inputs, config)
+                except (KeyError, losses.LossInputError) as exc:
+                    raise JobError(f"data[{i}]: {exc}") from exc
+                total = total + elementwise.sum()
+                lp, el = logp[i, :n].detach().cpu().tolist(), elementwise.detach().cpu().tolist()
+                outputs.append({"logprobs": lp, "elementwise_loss": el})
+            if not forward_only:
+                total.backward()
+        return {"outputs": outputs, "metrics": {"loss:sum": float(total)}}
+
+    def sample_tokens(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Tinker's sample on token ids, optionally with a saved snapshot's adapter weights swapped in."""
+        adapter = request.get("adapter_path")
+        if not adapter:
+            return self._sample_tokens(request)
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        current = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        if adapter == "base":  # the bare base model: every LoRA B at zero makes the adapter a no-op
+            snapshot = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in current.items()}
+        else:
+            snapshot = load_file(str(Path(adapter) / "adapter_model.safetensors"), device=self.device)
+        try:
+            set_peft_model_state_dict(self.model, snapshot)
+            return self._sample_tokens(request)
+        finally:
+            set_peft_model_state_dict(self.model, current)
+            for p in self.params:
+                p.data = p.data.float()
+
+    def _sample_tokens(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Generate num_samples continuations of one prompt; optional prompt logprobs and top-k."""
+        prompt: list[int] = request["prompt"]
+        params = request.get("params") or {}
+        n = int(request.get("num_samples", 1))
+        stop = params.get("stop")
+        eos = sorted(models.eos_ids(self.model, self.tokenizer))
+        stop_ids = eos
+        stop_strings: list[str] | None = None
+        if isinstance(stop, str):
+            stop_strings = [stop]
+        elif isinstance(stop, list) and stop and all(isinstance(s, str) for s in stop):
+            stop_strings = list(stop)
+        elif isinstance(stop, list):  # token ids; [] disables every stop token, EOS included
+            stop_ids = [int(s) for s in stop]
+        generated = self.generate(
+            [prompt],
+            num_samples=n,
+            max_tokens=int(params.get("max_tokens") or 64),
+            temperature=float(params.get("temperature", 1.0)),
+            top_p=float(params.get("top_p", 1.0)),
+            top_k=int(params.get("top_k", -1)),
+            seed=params.get("seed"),
+            stop_ids=stop_ids,
+            stop_strings=stop_strings,
+        )
+        out: dict[str, Any] = {"sequences": generated[0]}
+        topk = int(request.get("topk_prompt_logprobs") or 0)
+        if request.get("prompt_logprobs") or topk:
+            out.update(self.prompt_logprobs(prompt, topk, request.get("prompt_logprobs_last_n")))
+        return out
+
+    def prompt_logprobs(self, prompt: list[int], topk: int, last_n: int | None) -> dict[str, Any]:
+        """Teacher-forced logprobs of the prompt's tokens (None for the first, and before the last n)."""
+        ids = torch.tensor([prompt], device=self.device)
+        self.model.eval()
+        with torch.no_grad():
+            logits = self.model(input_ids=ids).logits.float()[0]
+        logp_all = logits.log_softmax(-1)
+        scores = logp_all[:-1].gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1).cpu().tolist()
+        first_scored = 1 if last_n is None else max(1, len(prompt) - int(last_n))
+        values: list[float | None] = [None] * len(prompt)
+        for i in range(first_scored, len(prompt)):
+            values[i] = scores[i - 1]
+        result: dict[str, Any] = {"prompt_logprobs": values}
+        if topk:
+            top = logp_all[:-1].topk(min(topk, logp_all.shape[-1]), dim=-1)
+            rows: list[list[list[float]] | None] = [None] * len(prompt)
+            for i in range(first_scored, len(prompt)):
+                pairs = zip(top.indices[i - 1].tolist(), top.values[i - 1].tolist(), strict=True)
+                rows[i] = [[int(t), float(v)] for t, v in pairs]
+            result["topk_prompt_logprobs"] = rows
+        return result
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        num_samples: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int | None,
+        stop_ids: list[int],
+        stop_strings: list[str] | None = None,
+    ) -> list[list[dict[str, Any]]]:
+        """The one sampling path: per prompt, num_samples dicts of tokens, logprobs and stop_reason.
+
+        Logprobs are the model's at temperature 1. The generation engine can replace this function later.
+        """
         pad = self.tokenizer.pad_token_id
         ids, mask = models.left_pad(prompts, pad, self.device)
+        # One row per sample (greedy decoding refuses num_return_sequences > 1); rows i*n .. i*n+n-1 are prompt i's.
+        ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
         width = ids.shape[1]
-        eos = sorted(models.eos_ids(self.model, self.tokenizer))
-        greedy = req.temperature == 0
-        if req.seed is not None:
-            torch.manual_seed(req.seed)
+        greedy = temperature == 0
+        if seed is not None:
+            torch.manual_seed(int(seed))
         self.model.eval()
         with torch.no_grad():
             out = self.model.generate(
                 input_ids=ids,
                 attention_mask=mask,
-                max_new_tokens=req.max_tokens,
+                max_new_tokens=max_tokens,
                 do_sample=not greedy,
-                temperature=None if greedy else req.temperature,
-                top_p=None if greedy else req.top_p,
-                top_k=None,
-                num_return_sequences=req.num_samples,
+                temperature=None if greedy else temperature,
+                top_p=None if greedy else top_p,
+                top_k=None if greedy or top_k <= 0 else top_k,
                 pad_token_id=pad,
-                eos_token_id=eos,
+                eos_token_id=stop_ids or None,
+                stop_strings=stop_strings,
+                tokenizer=self.tokenizer if stop_strings else None,
                 return_dict_in_generate=True,
                 output_logits=True,
             )
         new = out.sequences[:, width:]
         logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        results: list[dict[str, Any]] = []
+        stops = set(stop_ids)
+        results: list[list[dict[str, Any]]] = []
         for i in range(len(prompts)):
             samples = []
-            for j in range(req.num_samples):
-                row = i * req.num_samples + j
+            for j in range(num_samples):
+                row = i * num_samples + j
                 tokens = new[row].tolist()
-                end = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))
+                end = next((k + 1 for k, t in enumerate(tokens) if t in stops), None)
+                if end is None and stop_strings:
+                    end = self._stop_string_end(tokens, stop_strings)
+                stopped = end is not None
+                end = end if end is not None else len(tokens)
                 samples.append(
                     {
-                        "text": self.tokenizer.decode(tokens[:end], skip_special_tokens=True),
                         "tokens": tokens[:end],
-                        "logprobs": [round(float(x), 6) for x in logprobs[row, :end]],
-                        "finish_reason": "stop" if end < len(tokens) or tokens[end - 1] in eos else "length",
+                        "logprobs": [float(x) for x in logprobs[row, :end]],
+                        "stop_reason": "stop" if stopped else "length",
                     }
                 )
-            results.append({"prompt_tokens": len(prompts[i]), "samples": samples})
-        return {"results": results, "step": self.steps}
+            results.append(samples)
+        return results
+
+    def _stop_string_end(self, tokens: list[int], stop_strings: list[str]) -> int | None:
+        """The length of the shortest prefix of `tokens` whose text contains a stop string."""
+        for k in range(1, len(tokens) + 1):
+            text = self.tokenizer.decode(tokens[:k])
+            if any(s in text for s in stop_strings):
+                return k
+        return None
 
     def save_state(self, path: Path) -> dict[str, Any]:
         """Save the adapter (a PEFT folder with the tokenizer) and the optimizer state, atomically."""
@@ -233,6 +410,10 @@ def execute(state: RunState, store: RunStore, kind: str, request: dict[str, Any]
         return result
     if kind == "sample":
         return state.sample(SampleRequest.model_validate(request))
+    if kind == "loss_step":
+        return state.loss_step(request)
+    if kind == "sample_tokens":
+        return state.sample_tokens(request)
     if kind == "save_state":
         result = state.save_state(Path(request["path"]))
         rel = Path(request["path"]).relative_to(state.settings.model_dir).as_posix()

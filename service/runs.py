@@ -203,6 +203,15 @@ class RunStore:
                 s.delete(row)
             s.add(CheckpointRow(run_id=run_id, name=name, path=path, step=step, created_at=utcnow()))
 
+    def delete_checkpoint(self, run_id: str, name: str) -> bool:
+        """Forget a saved state's row; False when there is none."""
+        with self.session() as s:
+            query = select(CheckpointRow).where(CheckpointRow.run_id == run_id, CheckpointRow.name == name)
+            rows = list(s.scalars(query))
+            for row in rows:
+                s.delete(row)
+        return bool(rows)
+
     def checkpoints(self, run_id: str | None = None) -> list[CheckpointRow]:
         """Saved states, newest first."""
         query = select(CheckpointRow).order_by(CheckpointRow.created_at.desc(), CheckpointRow.id.desc())
@@ -302,8 +311,13 @@ class RunService:
         self.store.set_run(run_id, pid=proc.pid)
 
     # -- runs -------------------------------------------------------------------------------------------
-    def create(self, req: CreateRunRequest) -> RunRow:
-        """Start a run: a fresh LoRA on a base model, or one restored from a saved state."""
+    def create(self, req: CreateRunRequest, run_id: str | None = None) -> RunRow:
+        """Start a run: a fresh LoRA on a base model, or one restored from a saved state.
+
+        `run_id` lets a protocol front end (Tinker's model ids) name the run; by default it is a fresh uuid.
+        """
+        if run_id is not None and self._exists(run_id):
+            raise ConflictError(f"Run '{run_id}' already exists.", details={"run_id": run_id})
         lora = req.lora.model_dump()
         resume_from = None
         if req.from_state:
@@ -329,7 +343,7 @@ class RunService:
             base_name = req.base_model or self.settings.models.base_model
         config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
         run = RunRow(
-            id=uuid.uuid4().hex,
+            id=run_id or uuid.uuid4().hex,
             status=RunStatus.starting,
             base_model=base_name,
             base_path=str(base_path),
@@ -341,9 +355,18 @@ class RunService:
             created_at=utcnow(),
             last_used_at=utcnow(),
         )
-        self.store.add_run(run, max_live=self.settings.runs.max_runs)  # the count and the insert are one step
+        # The live-run count and the insert are one write transaction: concurrent creates cannot overshoot.
+        self.store.add_run(run, max_live=self.settings.runs.max_runs)
         self._spawn(run.id)
         return self.store.get_run(run.id)
+
+    def _exists(self, run_id: str) -> bool:
+        """Whether a run with this id is stored."""
+        try:
+            self.store.get_run(run_id)
+        except NotFoundError:
+            return False
+        return True
 
     def delete(self, run_id: str) -> RunRow:
         """Free a run: stop its worker and fail its pending jobs; its saved states stay."""
@@ -394,6 +417,17 @@ class RunService:
                 "There are no gradients to apply: call forward_backward before optim_step.",
                 details={"run_id": run_id},
             )
+        return self.store.add_job(run_id, "optim_step", req.model_dump())
+
+    def submit(self, run_id: str, kind: str, request: dict[str, Any], grads: bool = False) -> RunJobRow:
+        """Queue a job a protocol front end has already validated (resuming a paused run first)."""
+        self._usable(run_id)
+        return self.store.add_job(run_id, kind, request, grads=grads)
+
+    def submit_optim_step(self, run_id: str, req: OptimStepRequest) -> RunJobRow:
+        """Like optim_step, but a step with no queued gradients is a no-op job rather than a 409."""
+        self._usable(run_id)
+        self.store.take_gradients(run_id)
         return self.store.add_job(run_id, "optim_step", req.model_dump())
 
     def sample(self, run_id: str, req: SampleRequest) -> RunJobRow:

@@ -11,6 +11,7 @@ from typing import Any
 
 from entity.task import TaskKind, TaskStatus
 from service.tasks import TaskStore
+from service.train import pause
 from util.settings import Settings
 
 TRACEBACK_LINES = 30
@@ -62,6 +63,7 @@ def start_worker_process() -> Settings:
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _on_sigterm)
     lower_priority(settings.jobs.worker_nice)
+    pause.install()  # a paused training task saves a checkpoint and exits; others end as on SIGTERM later
     return settings
 
 
@@ -110,6 +112,9 @@ def run_task(settings: Settings, task_id: str) -> int:
         message = f"failed: {where}{type(exc).__name__}: {exc}"
         store.move(task_id, TaskStatus.failed, (TaskStatus.running,), message, error=error)
         return 1
+    if metrics.get("paused"):  # the server marked it paused before signalling; this covers a stray signal
+        store.move(task_id, TaskStatus.paused, (TaskStatus.running,), "paused")
+        return 0
     if rank == 0:
         store.move(task_id, TaskStatus.succeeded, (TaskStatus.running,), metrics=metrics, progress=100.0)
     return 0

@@ -111,7 +111,7 @@ def test_assistant_mask_covers_only_assistant_turns(settings):
 @pytest.mark.parametrize(
     ("body", "status", "text"),
     [
-        ({"strategy": "dpo"}, 422, "Unknown strategy"),
+        ({"strategy": "ppo"}, 422, "Unknown strategy"),
         ({"config": {**FAST, "learning_rate": -1}}, 422, "learning_rate"),
         ({"config": {**FAST, "bogus": 1}}, 422, "bogus"),
         ({"config": {**FAST, "num_train_epochs": 1}}, 422, "not both"),

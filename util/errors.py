@@ -68,3 +68,23 @@ class UnsupportedMediaTypeError(AppError):
 
     status_code = 415
     error_type = "unsupported_media_type"
+
+
+class BadRequestError(AppError):
+    """A request the OpenAI-compatible API refuses with 400, naming the parameter (OpenAI's `param`)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, details: Any = None) -> None:
+        """Store the message, the offending parameter and a machine-readable code."""
+        super().__init__(message, details)
+        self.param = param
+        self.code = code
+
+
+class PermissionDeniedError(AppError):
+    """An action the caller may not take on this object (e.g. deleting a base model)."""
+
+    status_code = 403
+    error_type = "permission_error"

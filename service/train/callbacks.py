@@ -9,6 +9,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from service.tasks import TaskStore
+from service.train import pause
 
 
 def finite(value: Any) -> float | None:
@@ -149,3 +150,13 @@ def _json(value: Any) -> Any:
     if isinstance(value, (int, str, bool)) or value is None:
         return value
     return str(value)
+
+
+class PauseCallback(TrainerCallback):
+    """On a pause request (service.train.pause), save a checkpoint at the end of the current step and stop."""
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        """Turn a pending pause request into a save and a stop."""
+        if pause.requested():
+            control.should_save = True
+            control.should_training_stop = True

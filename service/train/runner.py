@@ -10,10 +10,10 @@ from typing import Any
 from entity.train import StageConfig, TrainConfig, TrainRequest
 from service import models
 from service.tasks import TaskStore
-from service.train import attention, tracking
-from service.train.callbacks import LoadOptimizerState, StoreProgressCallback, finite
+from service.train import attention, pause, tracking
+from service.train.callbacks import LoadOptimizerState, PauseCallback, StoreProgressCallback, finite
 from service.train.checkpoints import latest_checkpoint
-from service.train.dataset import DataStats, build_dataset
+from service.train.dataset import DataStats
 from service.train.fused_lora import fuse_lora_layers
 from service.train.model_card import model_card
 from service.train.strategies import STRATEGIES
@@ -55,27 +55,24 @@ def distributed_args(distributed: str, device: str) -> dict[str, Any]:
     return {"ddp_backend": "nccl" if device == "cuda" else "gloo", "ddp_find_unused_parameters": False}
 
 
-def build_sft_config(
+def common_args(
     settings: Settings,
     cfg: TrainConfig,
     output_dir: Path,
     has_eval: bool,
     dtype: str,
-    packing: bool,
     distributed: dict[str, Any] | None = None,
     report_to: list[str] | None = None,
     run_name: str | None = None,
-) -> Any:
-    """Translate the request into TRL's SFTConfig."""
-    from trl import SFTConfig
-
+) -> dict[str, Any]:
+    """The TrainingArguments every strategy's config shares (SFTConfig and DPOConfig both extend them)."""
     save_steps = cfg.save_steps or settings.train.save_steps
     length: dict[str, Any] = {"max_steps": cfg.max_steps} if cfg.max_steps else {}
     length["num_train_epochs"] = cfg.num_train_epochs or 1.0
     eval_args: dict[str, Any] = {"eval_strategy": "no"}
     if has_eval:
         eval_args = {"eval_strategy": "steps", "eval_steps": cfg.eval_steps or min(save_steps, 50)}
-    return SFTConfig(
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_train_batch_size,
@@ -93,10 +90,6 @@ def build_sft_config(
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         gradient_checkpointing=cfg.gradient_checkpointing,
-        # Packing: best-fit-decreasing rows of max_length tokens, flattened without padding; the collator restarts
-        # position ids per example and masks the first label of each, so no example attends to or predicts another.
-        packing=packing,
-        padding_free=packing,
         use_liger_kernel=models.liger_available() if cfg.use_liger_kernel is None else cfg.use_liger_kernel,
         torch_compile=cfg.torch_compile,
         include_num_input_tokens_seen="non_padding",
@@ -107,6 +100,29 @@ def build_sft_config(
         **length,
         **eval_args,
         **(distributed or {}),
+    )
+
+
+def build_sft_config(
+    settings: Settings,
+    cfg: TrainConfig,
+    output_dir: Path,
+    has_eval: bool,
+    dtype: str,
+    packing: bool,
+    distributed: dict[str, Any] | None = None,
+    report_to: list[str] | None = None,
+    run_name: str | None = None,
+) -> Any:
+    """Translate the request into TRL's SFTConfig."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **common_args(settings, cfg, output_dir, has_eval, dtype, distributed, report_to, run_name),
+        # Packing: best-fit-decreasing rows of max_length tokens, flattened without padding; the collator restarts
+        # position ids per example and masks the first label of each, so no example attends to or predicts another.
+        packing=packing,
+        padding_free=packing,
     )
 
 
@@ -177,12 +193,10 @@ def build_trainer(
     model_path: Path | None = None,
     callbacks: list[Any] | None = None,
 ) -> BuiltTrainer:
-    """The SFTTrainer of a train task or one of its stages (no store: no progress reporting, as in benches).
+    """The trainer of a train task or one of its stages (no store: no progress reporting, as in benches).
 
     `model_path` overrides the request's model (a later stage starts from the previous stage's saved weights).
     """
-    from trl import SFTTrainer
-
     req = TrainRequest.model_validate(request["train"])
     resolved = request["resolved"]
     stage = stage or plan_stages(req, resolved)[0]
@@ -198,7 +212,7 @@ def build_trainer(
         import torch
 
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    packing = packing_for(settings, cfg, device)
+    packing = strategy.supports_packing and packing_for(settings, cfg, device)
     attn = attention_for(cfg, packing, device)
     _event(
         store,
@@ -217,12 +231,11 @@ def build_trainer(
         )
 
     tokenizer = models.load_tokenizer(models.tokenizer_dir(model_path))
-    train_ds, stats = build_dataset(stage.datasets, tokenizer, cfg.assistant_only_loss, max_length, cfg.truncate)
+    train_ds, stats = strategy.build_dataset(stage.datasets, tokenizer, cfg, max_length)
     eval_ds = None
     if resolved.get("eval_dataset_path"):
-        eval_ds, _ = build_dataset(
-            [Path(resolved["eval_dataset_path"])], tokenizer, cfg.assistant_only_loss, max_length, True
-        )
+        eval_cfg = cfg.model_copy(update={"truncate": True})  # every eval record counts, cut if need be
+        eval_ds, _ = strategy.build_dataset([Path(resolved["eval_dataset_path"])], tokenizer, eval_cfg, max_length)
     _event(
         store,
         task_id,
@@ -242,15 +255,17 @@ def build_trainer(
     if report_to is None:  # a task queued before report_to existed
         report_to = tracking.trackers(req.config.report_to, settings.train.report_to)
     tracking.apply(report_to, output_dir, settings)
-    args = build_sft_config(settings, cfg, output_dir, eval_ds is not None, dtype, packing, dist, report_to, task_id)
-    trainer = SFTTrainer(
+    args = strategy.training_args(
+        settings, cfg, output_dir, eval_ds is not None, dtype, packing, dist, report_to, task_id
+    )
+    trainer = strategy.trainer_class()(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=callbacks or [],
+        callbacks=[PauseCallback(), *(callbacks or [])],
     )
     fuse_lora_layers(trainer.model)
     return BuiltTrainer(trainer, req, tokenizer, args, device, dtype, output_dir, model_path, eval_ds, stats)
@@ -331,6 +346,8 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
             _event(store, task_id, f"stage {stage.index + 1}/{len(stages)} '{stage.name}' from {model_path.name}")
         built = build_trainer(settings, store, task_id, request, stage, model_path, callbacks)
         report = _train_stage(built, resume_here, stage, stages, store, task_id)
+        if report.get("paused"):
+            return report
         stage_reports.append(report)
         offset += report["global_step"]
         model_path = stage.output_dir
@@ -399,6 +416,10 @@ def _train_stage(
         trainable, total = trainer.model.get_nb_trainable_parameters()
         _event(store, task_id, f"trainable parameters: {trainable:,} of {total:,}")
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if pause.requested():
+        # The pause callback stopped at a step end and the trainer saved a checkpoint there; resume continues it.
+        _event(store, task_id, f"paused at step {trainer.state.global_step}; checkpoint saved")
+        return {"paused": True, "global_step": trainer.state.global_step}
     trainer.save_model(str(stage.output_dir))  # every rank takes part (FSDP gathers shards); rank 0 writes
     # Evaluation is collective under torchrun: every rank runs it before rank 0 alone writes the rest.
     eval_metrics = final_evaluation(trainer) if built.eval_ds is not None else {}

@@ -7,7 +7,7 @@ from typing import Any
 from entity.task import TaskKind, TaskRow
 from entity.train import TrainRequest
 from service import models
-from service.data import load_conversations
+from service.data import load_conversations, load_preferences
 from service.jobs import JobRunner
 from service.train import attention, tracking
 from service.train.checkpoints import latest_checkpoint
@@ -61,22 +61,24 @@ class TrainService:
         self.settings = settings
         self.runner = runner
 
-    def _dataset(self, raw: str, field: str) -> Path:
-        """Resolve a dataset path and require at least one valid conversation in it."""
+    def _dataset(self, raw: str, field: str, kind: str = "chat") -> Path:
+        """Resolve a dataset path and require at least one valid record of the strategy's kind in it."""
         path = resolve_client_path(raw, self.settings.data_dir, self.settings.roots)
         if not path.is_file():
             raise NotFoundError(f"{field} '{raw}' does not exist.", details={field: raw})
-        if not load_conversations(path):
+        found = load_preferences(path) if kind == "preference" else load_conversations(path)
+        if not found:
+            what = "preference records (prompt/chosen/rejected)" if kind == "preference" else "conversations"
             raise InvalidInputError(
-                f"{field} '{raw}' has no valid conversations; run /api/data/validate to see why.",
+                f"{field} '{raw}' has no valid {what}; run /api/data/validate to see why.",
                 details={field: raw},
             )
         return path
 
-    def _datasets(self, raw: str | list[str], field: str) -> list[Path]:
+    def _datasets(self, raw: str | list[str], field: str, kind: str = "chat") -> list[Path]:
         """Resolve one or several dataset paths (each checked like a single one)."""
         paths = [raw] if isinstance(raw, str) else raw
-        return [self._dataset(p, field) for p in paths]
+        return [self._dataset(p, field, kind) for p in paths]
 
     def _resume(self, req: TrainRequest, output_dir: Path) -> str | None:
         """The checkpoint an explicit resume_from_checkpoint names (true: the newest one in output_dir)."""
@@ -135,8 +137,8 @@ class TrainService:
             )
         return wanted
 
-    def start(self, req: TrainRequest) -> TaskRow:
-        """Check everything that can be checked now, then queue the training task."""
+    def start(self, req: TrainRequest, extra: dict[str, Any] | None = None) -> TaskRow:
+        """Check everything that can be checked now, then queue the training task (extra: more request keys)."""
         if req.strategy not in STRATEGIES:
             raise InvalidInputError(
                 f"Unknown strategy '{req.strategy}'; choose one of {sorted(STRATEGIES)}.",
@@ -152,18 +154,27 @@ class TrainService:
             raise InvalidInputError(
                 'attn_implementation "varlen" needs packing and a CUDA GPU; leave it "auto" to use it where it can run.'
             )
+        strategy = STRATEGIES[req.strategy]
+        dpo_fields = [f for f in ("beta", "loss_type") if getattr(req.config, f) is not None]
+        if dpo_fields and strategy.data_kind != "preference":
+            raise InvalidInputError(
+                f"{' and '.join(dpo_fields)} apply to the dpo strategy only.", details={"strategy": req.strategy}
+            )
+        if packing and not strategy.supports_packing:
+            raise InvalidInputError(f"The {req.strategy} strategy does not pack examples; leave packing unset.")
         report_to = tracking.trackers(req.config.report_to, self.settings.train.report_to)
         tracking.check_installed(report_to)
-        datasets = self._datasets(req.dataset_path, "dataset_path")
+        kind = strategy.data_kind
+        datasets = self._datasets(req.dataset_path, "dataset_path", kind)
         stage_data = [
-            [str(p) for p in self._datasets(stage.dataset_path, f"stages.{i}.dataset_path")]
+            [str(p) for p in self._datasets(stage.dataset_path, f"stages.{i}.dataset_path", kind)]
             for i, stage in enumerate(req.stages or [])
             if stage.dataset_path is not None
         ]
         eval_dataset = None
         if req.config.eval_dataset_path:
-            eval_dataset = self._dataset(req.config.eval_dataset_path, "eval_dataset_path")
-        model_path = models.resolve_model(req.config.model_path, self.settings)
+            eval_dataset = self._dataset(req.config.eval_dataset_path, "eval_dataset_path", strategy.data_kind)
+        model_path = models.resolve_model_ref(req.config.model_path, self.settings, self.runner.store)
         task_id = self.runner.store.new_id()
         # Resuming into its own output_dir writes on top of the checkpoints there: no overwrite needed.
         output_dir = self._output_dir(req.output_dir, task_id, req.overwrite or req.resume_from_checkpoint is True)
@@ -180,4 +191,5 @@ class TrainService:
             req, datasets, eval_dataset, model_path, output_dir, processes, distributed,
             report_to=report_to, resume_from_checkpoint=resume, resume_count=0, stages=stages or None,
         )  # fmt: skip
+        request.update(extra or {})
         return self.runner.submit(TaskKind.train, request, str(output_dir), task_id)
