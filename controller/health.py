@@ -1,6 +1,7 @@
 """Health route."""
 
 import asyncio
+import logging
 import time
 
 from fastapi import APIRouter, Request
@@ -10,26 +11,46 @@ from entity.health import HealthOut
 from service.tasks import TaskStore
 from util.settings import VERSION
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 COUNTS_TTL_SECONDS = 1.0  # job counts in /health may be this old; a burst of probes costs one query a second
+COUNTS_WAIT_AFTER_SECONDS = 5.0  # counts older than this (nobody polled lately) are re-read before answering
 
 
 class JobCounts:
-    """Task counts per status, re-read from the store (in a thread) at most once per COUNTS_TTL_SECONDS."""
+    """Task counts per status, re-read from the store (in a thread) at most once per COUNTS_TTL_SECONDS.
+
+    While /health is polled, calls answer from the last counts at once and a stale value starts one refresh in the
+    background, so a slow store never holds a probe up. A call after a quiet spell (counts older than
+    COUNTS_WAIT_AFTER_SECONDS) waits for a fresh read.
+    """
 
     def __init__(self) -> None:
         """Start with nothing read."""
         self.value: dict[str, int] | None = None
         self.read_at = 0.0
         self._lock = asyncio.Lock()
+        self._refresh: asyncio.Task[None] | None = None
+
+    async def _read(self, store: TaskStore) -> None:
+        """Read the counts off the event loop (a failed background refresh keeps the last counts)."""
+        try:
+            self.value = await asyncio.to_thread(store.counts)
+        except Exception:
+            if self.value is None:
+                raise
+            log.warning("could not refresh the job counts of /health", exc_info=True)
+        self.read_at = time.monotonic()
 
     async def get(self, store: TaskStore) -> dict[str, int]:
-        """The counts, refreshed when stale; concurrent callers share one refresh."""
-        if self.value is None or time.monotonic() - self.read_at > COUNTS_TTL_SECONDS:
+        """The counts; stale ones are refreshed in the background (one refresh at a time)."""
+        if self.value is None or time.monotonic() - self.read_at > COUNTS_WAIT_AFTER_SECONDS:
             async with self._lock:
-                if self.value is None or time.monotonic() - self.read_at > COUNTS_TTL_SECONDS:
-                    self.value = await asyncio.to_thread(store.counts)
-                    self.read_at = time.monotonic()
+                if self.value is None or time.monotonic() - self.read_at > COUNTS_WAIT_AFTER_SECONDS:
+                    await self._read(store)
+        elif time.monotonic() - self.read_at > COUNTS_TTL_SECONDS and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.create_task(self._read(store))
+        assert self.value is not None
         return self.value
 
 

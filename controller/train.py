@@ -14,6 +14,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from controller.deps import RunnerDep, StoreDep, TrainServiceDep
 from controller.openapi import error_responses
 from entity import examples
+from entity.common import MAX_SQL_INT
 from entity.task import TERMINAL_STATUSES, EventList, EventOut, TaskKind, TaskList, TaskOut, TaskStatus
 from entity.train import TrainRequest, TrainStarted
 from service.tasks import TaskStore
@@ -93,7 +94,7 @@ def tasks(
     status: TaskStatus | None = None,
     kind: TaskKind | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_SQL_INT)] = 0,
 ) -> TaskList:
     """List tasks of every kind, newest first, filterable by status and kind."""
     rows, total = store.page(status, kind, limit, offset)
@@ -112,7 +113,7 @@ def cancel(task_id: str, runner: RunnerDep) -> TaskOut:
 def logs(
     task_id: str,
     store: StoreDep,
-    after: Annotated[int, Query(ge=0, description="Return events with an id above this.")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_SQL_INT, description="Return events with an id above this.")] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
 ) -> EventList:
     """A task's events (status changes, per-step metrics, log lines)."""
@@ -151,10 +152,10 @@ def events(
     request: Request,
     store: StoreDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_SQL_INT)] = 0,
 ) -> EventSourceResponse:
     """Stream a task's events over SSE until it ends; resumes after Last-Event-ID."""
     store.get(task_id)  # 404 before the stream starts
-    if last_event_id and last_event_id.isdigit():
+    if last_event_id and last_event_id.isdigit() and len(last_event_id) < 19:  # below 2**63: SQLite's range
         after = max(after, int(last_event_id))
     return EventSourceResponse(_event_stream(store, task_id, after, request), ping=15)

@@ -6,7 +6,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 # Sampling at a temperature this close to 0 divides logits by ~0 (inf/nan probabilities); it is greedy decoding.
 GREEDY_BELOW = 1e-5
-MAX_SEED = 2**63 - 1  # a signed 64-bit integer: what torch, SQLite and OpenAI's API accept
+MAX_SQL_INT = 2**63 - 1  # SQLite's INTEGER is signed 64-bit: a larger id, offset or seed cannot be stored or compared
+MAX_SEED = MAX_SQL_INT  # what torch, SQLite and OpenAI's API accept
 MAX_TRAIN_SEED = 2**32 - 1  # numpy's seed range, which transformers' set_seed uses
 
 

@@ -107,3 +107,11 @@ def test_seed_beyond_64_bits_is_422_on_every_route(client):
     assert r.status_code == 422 and "seed" in r.json()["error"]["message"]
     r = client.post("/api/train/start", json={"dataset_path": "x.jsonl", "config": {"seed": 2**32}})
     assert r.status_code == 422 and "seed" in r.json()["error"]["message"]
+
+
+def test_integers_beyond_sqlite_range_are_422_not_500(paused_client):
+    huge = str(2**63)
+    assert paused_client.get("/api/train/tasks", params={"offset": huge}).status_code == 422
+    r = paused_client.get("/api/train/logs/nope", params={"after": huge})
+    assert r.status_code == 422 and "after" in r.json()["error"]["message"]
+    assert paused_client.get("/api/train/events/nope", params={"after": huge}).status_code == 422

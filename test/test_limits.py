@@ -215,3 +215,14 @@ def test_workers_run_nicer_than_the_server_on_cpu(settings):
             assert _thread_nices(pid) == {min(19, os.nice(0) + 7)}
         finally:
             client.delete(f"/v1/runs/{run_id}")
+
+
+def test_health_job_counts_follow_the_store_while_polled(paused_client):
+    import time
+
+    assert paused_client.get("/health").json()["jobs"]["queued"] == 0
+    assert _train(paused_client, "outputs/counted").status_code == 202
+    deadline = time.monotonic() + 10
+    while paused_client.get("/health").json()["jobs"]["queued"] != 1:  # refreshed in the background, ~1 s behind
+        assert time.monotonic() < deadline, "/health never showed the queued task"
+        time.sleep(0.2)
