@@ -102,7 +102,7 @@ def run_blocks(blocks: list[Block], base_url: str, work: Path, timeout: float = 
         if block.lang == "bash":
             script = (
                 f"compgen -v > {work}/.vars_before\n[ -f {state} ] && source {state}\n{BASH_PRELUDE}\n{code}\n"
-                f"for v in $(compgen -v); do grep -qx \"$v\" {work}/.vars_before || declare -p \"$v\"; done"
+                f'for v in $(compgen -v); do grep -qx "$v" {work}/.vars_before || declare -p "$v"; done'
                 f" > {state}\n"
             )
             cmd = ["bash", "-c", script]
@@ -110,7 +110,7 @@ def run_blocks(blocks: list[Block], base_url: str, work: Path, timeout: float = 
             cmd = [sys.executable, "-c", code]
         proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
         output = (proc.stdout + proc.stderr)[-4000:]
-        assert proc.returncode == 0, f"{where} failed with exit code {proc.returncode}:\n{code}\n--- output ---\n{output}"
+        assert proc.returncode == 0, f"{where} exited {proc.returncode}:\n{code}\n--- output ---\n{output}"
         report.append(f"{where}: ok")
     return report
 
@@ -124,7 +124,7 @@ def test_skip_marker_is_parsed():
 
 def test_a_failing_block_fails(tmp_path):
     blocks = [Block("bash", "X=1", 1, None), Block("bash", 'test "$X" = 1 && false', 2, None)]
-    with pytest.raises(AssertionError, match="README.md:2"):
+    with pytest.raises(AssertionError, match=r"README\.md:2"):
         run_blocks(blocks, README_URL, scratch_checkout(tmp_path))
 
 
