@@ -96,7 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (data, train, inference, openai_api, fine_tuning, runs, export, eval_routes, files):
         app.include_router(module.router, dependencies=[Depends(require_api_key)], responses=error_responses(401))
     app.include_router(tinker.files_router)  # signed download links carry their own credential
-    app.include_router(tinker.router)  # Tinker SDK routes (/api/v1), keys with or without `tml-`
+    app.include_router(tinker.router, responses=error_responses(401))  # Tinker SDK routes (/api/v1), `tml-` keys too
     install_openapi(app)
     return app
 

@@ -2,11 +2,12 @@
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Body, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 from openai.types import FileDeleted, FileObject, Model, ModelDeleted
 
 from controller.deps import FileServiceDep, FineTuningServiceDep, InferenceServiceDep
+from entity import examples
 from entity.fine_tuning import CheckpointList, FileList, FineTuningJobOut, JobCreateRequest, JobEventList, JobList
 from util.errors import NotFoundError
 
@@ -60,7 +61,9 @@ def delete_file(file_id: str, files: FileServiceDep) -> FileDeleted:
 
 
 @router.post("/fine_tuning/jobs", response_model=FineTuningJobOut)
-def create_job(req: JobCreateRequest, service: FineTuningServiceDep) -> FineTuningJobOut:
+def create_job(
+    req: Annotated[JobCreateRequest, Body(openapi_examples=examples.FINE_TUNING_JOB)], service: FineTuningServiceDep
+) -> FineTuningJobOut:
     """Queue a fine-tuning job: a LoRA train task (supervised, or DPO on preference files)."""
     return service.create(req)
 

@@ -1,5 +1,6 @@
 """The OpenAPI contract's shared pieces: the error schema, per-route error responses, tags, summaries."""
 
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -98,13 +99,38 @@ TAGS: list[dict[str, str]] = [
         "description": "The low-level (Tinker-style) training API: a run keeps a model and a LoRA in memory; "
         "forward_backward, optim_step, sample, save_state and load_state are ordered jobs.",
     },
+    {
+        "name": "openai fine-tuning",
+        "description": "OpenAI's files and fine-tuning jobs API (the official `openai` package works unmodified): "
+        "upload validated training files, run supervised or DPO jobs as train tasks, follow their events and "
+        "checkpoints, pause, resume or cancel them, and manage the fine-tuned models.",
+    },
+    {
+        "name": "tasks",
+        "description": "A task's output files: list them and download one (paths stay inside the task's folder).",
+    },
+    {
+        "name": "tinker",
+        "description": "The Tinker wire protocol under /api/v1, so the official `tinker` SDK and tinker-cookbook's "
+        "loops train here: sessions, LoRA training clients, forward_backward, optim_step, futures, sampling, "
+        "checkpoints and their downloads. Keys work raw or with the SDK's `tml-` prefix.",
+    },
 ]
+
+
+def _api_routes(routes: list[Any]) -> Iterator[APIRoute]:
+    """Every APIRoute, also those of included routers (FastAPI keeps an included router as one entry)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif hasattr(route, "original_router"):
+            yield from _api_routes(route.original_router.routes)
 
 
 def install_openapi(app: FastAPI) -> None:
     """Fill missing summaries from docstrings and document FastAPI's own 422s with the house error schema."""
-    for route in app.routes:
-        if isinstance(route, APIRoute) and not route.summary and route.description:
+    for route in _api_routes(app.routes):
+        if not route.summary and route.description:
             route.summary = route.description.strip().splitlines()[0].rstrip(".")
     default_openapi = app.openapi
 

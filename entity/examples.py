@@ -152,6 +152,19 @@ EXPORT_GGUF: Examples = {
     )
 }
 
+FINE_TUNING_JOB: Examples = {
+    "supervised": _one(
+        "One epoch of LoRA on an uploaded file",
+        {
+            "model": "SmolLM2-135M-Instruct",
+            "training_file": "file-0123456789abcdef0123456789abcdef",
+            "suffix": "demo",
+            "hyperparameters": {"n_epochs": 1, "batch_size": 8},
+        },
+        "Upload the file first with POST /v1/files and put its id here.",
+    )
+}
+
 CREATE_RUN: Examples = {"lora": _one("A fresh rank-16 LoRA on the base model", {"lora": {"r": 16, "alpha": 32}})}
 
 FORWARD_BACKWARD: Examples = {

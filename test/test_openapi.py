@@ -81,6 +81,8 @@ def test_errors_use_the_house_shape_not_detail(spec):
             if code.startswith(("4", "5")):
                 ref = resp["content"]["application/json"]["schema"]["$ref"]
                 assert ref.endswith("/ErrorResponse"), f"{key} {code} documents {ref}"
+        if key == "GET /api/v1/files/{token}":  # Tinker's signed download links: the signed token is the credential
+            continue
         if key.startswith(("POST /api/", "GET /api/", "POST /v1/", "GET /v1/", "DELETE /v1/")):
             assert "401" in op["responses"], f"{key} does not document 401"
 
