@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import shutil
 import time
@@ -63,6 +64,19 @@ def parse_tinker_path(path: str) -> tuple[str, str, str]:
     kind, name = parsed.checkpoint_id.split("/", 1)
     _check_name(name)
     return parsed.training_run_id, kind, name
+
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+
+
+def model_id_of(session_id: str, model_seq_id: int) -> str:
+    """The model id the SDK derives, `<session>:train:<n>`; the session id must be a safe token (it names folders)."""
+    if not SESSION_ID.match(session_id) or model_seq_id < 0:
+        raise InvalidInputError(
+            "session_id must be 1-40 letters, digits, '_' or '-' (as create_session returns), "
+            "and model_seq_id a non-negative integer."
+        )
+    return f"{session_id}:train:{model_seq_id}"
 
 
 def _check_name(name: str) -> str:
@@ -120,7 +134,7 @@ class TinkerService:
             raise InvalidInputError("At least one of train_mlp, train_attn or train_unembed must be true.")
         if lora.rank < 1 or lora.rank > 1024:
             raise InvalidInputError(f"LoRA rank must be between 1 and 1024, got {lora.rank}.")
-        model_id = f"{req.session_id}:train:{req.model_seq_id}"
+        model_id = model_id_of(req.session_id, req.model_seq_id)
         spec = LoraSpec(r=lora.rank, alpha=32, target_modules=targets)
         create = CreateRunRequest(base_model=req.base_model, lora=spec, seed=lora.seed or 0)
         self.runs.create(create, run_id=model_id)
@@ -132,7 +146,7 @@ class TinkerService:
         if req.session_id is not None:
             if req.model_seq_id is None:
                 raise InvalidInputError("load_weights with session_id needs model_seq_id.")
-            model_id = f"{req.session_id}:train:{req.model_seq_id}"
+            model_id = model_id_of(req.session_id, req.model_seq_id)
             rel = path.relative_to(self.settings.model_dir).as_posix()
             create = CreateRunRequest(from_state=rel, with_optimizer=req.optimizer, seed=run.seed)
             if req.optimizer and not (path / "optimizer.pt").is_file():

@@ -356,6 +356,12 @@ def test_bad_input_answers_clearly(server, service, trained, tok):
     assert r.status_code == 404 and "not offered" in r.json()["error"]["message"]
     r = httpx.post(f"{server}/api/v1/create_model", json={"base_model": TINY_NAME}, headers=headers)
     assert r.status_code == 422
+    escape = {"session_id": "../../outside", "model_seq_id": 0, "base_model": TINY_NAME, "lora_config": {"rank": 2}}
+    r = httpx.post(f"{server}/api/v1/create_model", json=escape, headers=headers)
+    assert r.status_code == 422 and "session_id" in r.json()["error"]["message"]
+    outside_base = {**escape, "session_id": "s", "base_model": "../x"}
+    r = httpx.post(f"{server}/api/v1/create_model", json=outside_base, headers=headers)
+    assert r.status_code in (403, 404)
     r = httpx.post(f"{server}/api/v1/retrieve_future", json={"request_id": "sample.nope"}, headers=headers)
     assert r.status_code == 404
 
