@@ -321,7 +321,8 @@ class RunState:
         # An engine just for this call, with a KV cache sized to it: the run's training keeps the rest of the memory.
         page = 256 if self.device == "cuda" else 32
         blocks = sum(-(-(len(p) + max_tokens) // page) for p in rows) + 2
-        config = EngineConfig(max_running=min(64, len(rows)), num_blocks=blocks)
+        # No CUDA graphs: capturing them would cost more than this one call's decoding saves.
+        config = EngineConfig(max_running=min(64, len(rows)), num_blocks=blocks, cuda_graphs=False)
         engine = Engine(self.model, self.tokenizer, set(stop_ids), config)
         self.model.eval()
         engine.start()
