@@ -393,16 +393,6 @@ class RequestStream:
             self.done = True
             self.engine.release(self.rid, cancel)
 
-    def _ensure_running(self) -> None:
-        """Restart the manager if a failed step stopped it (its requests were failed with the error)."""
-        with self._lock:
-            if self.manager is not None and self.manager.is_running():
-                return
-            if self.manager is not None:
-                log.warning("the generation engine stopped after an error; starting a fresh one")
-                self.manager = None
-            self.start()
-
     def close(self) -> None:
         """Stop following the request and cancel it if it still runs."""
         self._release(cancel=True)
