@@ -27,9 +27,10 @@ from entity.train import LoraConfigIn, TrainConfig, TrainRequest
 from service import models
 from service.fine_tuning.files import FileService
 from service.jobs import JobRunner, is_worker_of, task_processes, terminate_group
+from service.train import tracking
 from service.train.pause import PAUSE_SIGNAL
 from service.train.service import TrainService
-from util.errors import BadRequestError, ConflictError, NotFoundError, PermissionDeniedError
+from util.errors import BadRequestError, ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 
 JOB_PREFIX = "ftjob-"
 EVENT_PREFIX = "ftevent-"
@@ -109,14 +110,27 @@ class FineTuningService:
             )
         return row
 
-    def create(self, req: JobCreateRequest) -> FineTuningJobOut:
-        """Check the request and files, resolve "auto", and queue the train task."""
-        if req.integrations:
+    def _report_to(self, integrations: list[dict] | None) -> list[str] | None:
+        """The trackers a job reports to: W&B integrations add wandb (offline mode) to the configured default."""
+        if not integrations:
+            return None
+        kinds = [i.get("type") if isinstance(i, dict) else None for i in integrations]
+        if any(k != "wandb" for k in kinds):
             raise BadRequestError(
-                "integrations (W&B) are not supported yet: this server has no experiment tracking to send "
-                "metrics to. Leave integrations out; the job's events and result file carry its metrics.",
+                f"integrations of type {[k for k in kinds if k != 'wandb']} are not supported; only 'wandb' "
+                "(metrics logged by wandb in offline mode into the job's output folder).",
                 param="integrations",
             )
+        names = [*tracking.trackers(None, self.train.settings.train.report_to), "wandb"]
+        try:
+            tracking.check_installed(names)
+        except InvalidInputError as exc:
+            raise BadRequestError(f"integrations: {exc.message}", param="integrations") from None
+        return list(dict.fromkeys(names))
+
+    def create(self, req: JobCreateRequest) -> FineTuningJobOut:
+        """Check the request and files, resolve "auto", and queue the train task."""
+        report_to = self._report_to(req.integrations)
         method = req.method.type if req.method else "supervised"
         if method == "reinforcement":
             raise BadRequestError(
@@ -163,6 +177,7 @@ class FineTuningService:
             eval_steps=steps_per_epoch if valid_file else None,
             lora_config=LoraConfigIn(),
             beta=chosen.get("beta"),
+            report_to=report_to,
         )
         train_req = TrainRequest(strategy=STRATEGY[method], dataset_path=train_file.path, config=config)
         meta = {
