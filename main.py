@@ -32,7 +32,7 @@ from service.models import ModelCache, device_info
 from service.outputs import OutputFileService
 from service.runs import RunService
 from service.tasks import TaskStore
-from service.tinker_api import TinkerService
+from service.tinker.api import TinkerService
 from service.train.service import TrainService
 from util.settings import PROJECT_ROOT, VERSION, Settings, load_settings
 

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ValidationError
 from tinker import types as tt
 
 from controller.auth import key_matches
-from service.tinker_api import TinkerRequestFailed, TinkerService
-from service.tinker_proto import decode_forward_backward, encode_forward_backward_output, encode_sample_response
+from service.tinker.api import TinkerRequestFailed, TinkerService
+from service.tinker.proto import decode_forward_backward, encode_forward_backward_output, encode_sample_response
 from util.errors import AuthenticationError, InvalidInputError, NotFoundError, validation_message
 
 PROTO = "application/x-protobuf"
