@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from entity.task import TaskKind
 from service import models
 from util.files import fresh_dir, publish
 
@@ -196,7 +197,7 @@ def export_gguf(model_path: Path, output: Path, req: dict[str, Any], store: Any,
         verification["chat_template_embedded"] = bool(getattr(back, "chat_template", None))
         verification["passed"] = verification["passed"] and same_ids
         require(verification)
-        publish(staging, output)
+        publish(staging, output, TaskKind.export, task_id, format="gguf")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

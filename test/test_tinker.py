@@ -236,7 +236,9 @@ def test_rl_loss_gradient_matches_the_formula(name, cfg, settings, tok):
     total.backward()
     assert result["metrics"]["loss:sum"] == pytest.approx(float(total), abs=1e-5)
     for g, p in zip(got, state.params, strict=True):
-        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-5)
+        # The worker runs both examples as one padded batch, the reference one at a time: fp32 reduction order
+        # differs, which moves single elements by about 1e-5 (relative 1e-4).
+        torch.testing.assert_close(g, p.grad, rtol=2e-4, atol=5e-5)
     assert any(float(g.abs().max()) > 1e-6 for g in got)
 
 

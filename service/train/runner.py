@@ -320,7 +320,8 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
     stages = plan_stages(req, resolved)
     start, checkpoint = resume_point(stages, resolved)
     if checkpoint:
-        _event(store, task_id, f"resuming from {checkpoint} (resume {resolved.get('resume_count') or 0})")
+        count = resolved.get("resume_count") or 0
+        _event(store, task_id, f"resuming from {Path(checkpoint).name}" + (f" (resume {count})" if count else ""))
     rank0 = int(os.environ.get("RANK", "0")) == 0
     stage_reports: list[dict[str, Any]] = []
     for done in stages[:start]:
