@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import wait_for
 from service import models
+from util.files import OUTPUT_MARKER
 
 
 def _export(client, **body):
@@ -35,7 +36,8 @@ def test_f16_of_a_lora_adapter_round_trips_through_transformers(client, settings
     out = settings.model_dir / "exports" / "tiny-f16"
     assert metrics["merged_lora"] and metrics["tensor_types"] == {"F16": 15, "F32": 5}
     assert metrics["verification"]["passed"] and metrics["verification"]["tokenizer_matches"]
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export_report.json", "model-f16.gguf"]
+    # The output is marked as an export (the marker is what lets a later export with overwrite replace it).
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "Modelfile", "export_report.json", "model-f16.gguf"]
     modelfile = (out / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./model-f16.gguf") and "<|im_start|>" in modelfile
     # Independently of the task's own check: the merged adapter and the file agree at a new batch.
