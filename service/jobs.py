@@ -375,6 +375,16 @@ def worker_environment() -> dict[str, str]:
     }
 
 
+def nice_prefix(nice: int) -> list[str]:
+    """`nice -n N` before a worker's command on a machine without a CUDA GPU, so the server stays responsive.
+
+    The process starts nicer, so every thread it ever has (torch's pool starts at import) inherits the niceness.
+    """
+    if nice <= 0 or models.gpu_count():
+        return []
+    return ["nice", "-n", str(nice)]
+
+
 def spawn_worker(settings: Settings, module_args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     """Start `python -m <module> <args>` in its own process group (without the API keys), output to log_path."""
     env = {
@@ -389,7 +399,7 @@ def spawn_worker(settings: Settings, module_args: list[str], log_path: Path) -> 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", *module_args],
+            [*nice_prefix(settings.jobs.worker_nice), sys.executable, "-m", *module_args],
             cwd=PROJECT_ROOT,
             env=env,
             stdout=out,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from entity.runs import ChatExample, ForwardBackwardRequest, OptimStepRequest, RunRow, RunStatus, SampleRequest
 from service import losses, models
+from service.engine import Engine, EngineConfig, SamplingParams
 from service.runs import RUN_STATE_KIND, RunStore, adopt_legacy_state, checkpoint_dir
 from service.tasks import make_engine
 from service.train.fused_lora import fuse_lora_layers
@@ -304,10 +305,6 @@ class RunState:
 
         Logprobs are of the model's raw distribution (temperature 1), from the continuous-batching engine.
         """
-        # Imported here: transformers' continuous batching starts a thread on import, which would escape the
-        # worker's lower CPU priority (set at start-up, and inherited only by threads started after it).
-        from service.engine import Engine, EngineConfig, SamplingParams
-
         rows = [p for p in prompts for _ in range(num_samples)]
         params = [
             SamplingParams(

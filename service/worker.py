@@ -62,22 +62,8 @@ def start_worker_process() -> Settings:
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _on_sigterm)
-    lower_priority(settings.jobs.worker_nice)
     pause.install()  # a paused training task saves a checkpoint and exits; others end as on SIGTERM later
     return settings
-
-
-def lower_priority(nice: int) -> None:
-    """Without a CUDA GPU, raise this process's niceness so the server stays responsive while it computes.
-
-    Called before torch starts its threads, which inherit the niceness (Linux sets it per thread).
-    """
-    if nice <= 0:
-        return
-    from service.models import gpu_count
-
-    if not gpu_count():
-        os.nice(nice)
 
 
 def format_error(exc: BaseException) -> str:
