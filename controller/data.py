@@ -4,7 +4,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, File, Form, Query, UploadFile
 
-from controller.deps import DataServiceDep, StoreDep
+from controller.deps import DataServiceDep
 from controller.openapi import error_responses
 from entity import examples
 from entity.data import (
@@ -17,8 +17,6 @@ from entity.data import (
     ValidateRequest,
     ValidateResponse,
 )
-from entity.task import TaskStatus
-from service.data import paths_in_use
 from util.errors import InvalidInputError
 
 router = APIRouter(prefix="/api/data", tags=["data"])
@@ -100,9 +98,7 @@ def preview(
 )
 def delete_upload(
     service: DataServiceDep,
-    store: StoreDep,
     file_path: Annotated[str, Query(description="An uploaded file: uploads/<name> or <name>.")],
 ) -> DeleteResponse:
     """Delete an uploaded dataset (only one sent through /api/data/upload, and none an active task reads)."""
-    active = store.with_status(TaskStatus.queued) + store.with_status(TaskStatus.running)
-    return service.delete_upload(file_path, paths_in_use(active))
+    return service.delete_upload(file_path)

@@ -32,6 +32,7 @@ from entity.data import (
     UploadResponse,
     ValidateResponse,
 )
+from entity.task import TaskStatus
 from service import models
 from util.errors import ConflictError, ForbiddenPathError, InvalidInputError, NotFoundError
 from util.files import check_replaceable, default_dir_mode, write_marker
@@ -743,11 +744,8 @@ class DataService:
             file_path=str(path), offset=offset, limit=limit, items=items, next_offset=offset + limit if more else None
         )
 
-    def delete_upload(self, file_path: str, in_use: dict[str, str] | None = None) -> DeleteResponse:
-        """Delete a file the client uploaded (uploads/NAME); nothing else, each file once, none a task still reads.
-
-        `in_use` maps the resolved paths that queued or running tasks read to one such task's id.
-        """
+    def delete_upload(self, file_path: str) -> DeleteResponse:
+        """Delete a file the client uploaded (uploads/NAME); nothing else, each file once, none a task still reads."""
         uploads = (self.settings.data_dir / UPLOAD_DIR).resolve()
         raw = file_path.strip()
         name = raw.removeprefix(f"{UPLOAD_DIR}/")
@@ -757,7 +755,7 @@ class DataService:
                 details={"file_path": file_path},
             )
         target = resolve_client_path(name, uploads, [uploads])
-        busy = (in_use or {}).get(str(target))
+        busy = self._paths_in_use().get(str(target))
         if busy:
             raise ConflictError(
                 f"Task {busy} still reads '{name}'; delete it once the task has ended.",
@@ -765,6 +763,12 @@ class DataService:
             )
         with self._delete_lock:  # concurrent deletes of one file: one succeeds, the rest find it gone (404)
             return self._delete(target, name, file_path, uploads)
+
+    def _paths_in_use(self) -> dict[str, str]:
+        """The dataset files queued or running tasks read, each with one such task's id (none without a store)."""
+        if self.store is None:
+            return {}
+        return paths_in_use(self.store.with_status(TaskStatus.queued) + self.store.with_status(TaskStatus.running))
 
     def _delete(self, target: Path, name: str, file_path: str, uploads: Path) -> DeleteResponse:
         """Remove an upload and its marker (the caller holds the delete lock)."""
