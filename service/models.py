@@ -255,16 +255,6 @@ def tokenize_with_assistant_mask(tokenizer: Any, messages: list[Message]) -> dic
     return {"input_ids": list(enc["input_ids"]), "assistant_masks": mask}
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device: str) -> tuple[Any, Any]:
-    """Prompts as one left-padded batch (input_ids, attention_mask), so every row's last token lines up."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    return ids, mask
-
-
 def pick_device() -> tuple[str, str]:
     """The device and dtype to train and serve with: CUDA with bf16 where supported, else fp32."""
     import torch
