@@ -20,7 +20,7 @@ from service import models
 from service.jobs import JobRunner
 from service.tasks import TaskStore
 from util.errors import ConflictError, InvalidInputError, NotFoundError
-from util.files import OUTPUT_MARKER, check_replaceable, fresh_dir, publish, write_json
+from util.files import OUTPUT_MARKER, check_replaceable, fresh_dir, publish, read_json, write_json
 from util.paths import resolve_output
 from util.settings import Settings
 
@@ -376,7 +376,7 @@ def export_merged(
 def _base_dtype(base: Path) -> str:
     """The dtype a base model folder was saved in (float32 when its config does not say)."""
     try:
-        cfg = json.loads((base / "config.json").read_text(encoding="utf-8"))
+        cfg = read_json(base / "config.json")
     except (OSError, ValueError):
         return "float32"
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"

@@ -5,7 +5,6 @@ llama.cpp's converter does), then loaded back with transformers (`gguf_file=`) a
 source model's before anything is published.
 """
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 from entity.task import TaskKind
 from service import models
-from util.files import fresh_dir, publish
+from util.files import fresh_dir, publish, read_json
 
 # Relative to the logit scale (the largest |reference logit| on real tokens, at least 1). f16 keeps 11 significant
 # bits per weight and bf16 8; q8_0 stores 8-bit integers per block of 32 with an f16 scale (~0.4% of the block's
@@ -38,7 +37,7 @@ def model_type(path: Path) -> str:
     """The model_type of a model folder (an adapter's base for an adapter)."""
     folder = Path(models.adapter_base(path)) if models.is_adapter_dir(path) else path
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+        return read_json(folder / "config.json").get("model_type", "")
     except (OSError, ValueError):
         return ""
 

@@ -1,7 +1,6 @@
 """The one place that loads models and tokenizers, resolves model identifiers, and prepares the default model."""
 
 import importlib.metadata
-import json
 import logging
 import re
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from util.errors import ConflictError, ForbiddenPathError, InvalidInputError, NotFoundError
+from util.files import read_json
 from util.paths import is_within, resolve_client_path
 from util.settings import Settings
 
@@ -134,7 +134,7 @@ def resolve_model_ref(identifier: str | None, settings: Settings, store: "TaskSt
 def adapter_base(path: Path) -> str:
     """The base model recorded in an adapter's config."""
     try:
-        cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        cfg = read_json(path / "adapter_config.json")
     except (OSError, ValueError) as exc:
         raise InvalidInputError(
             f"The adapter at '{path.name}' has an unreadable adapter_config.json ({type(exc).__name__}).",
@@ -174,7 +174,7 @@ def checked_adapter_base(path: Path, settings: Settings) -> Path:
 def check_tokenizer_files(path: Path, settings: Settings) -> None:
     """Refuse (403) a tokenizer_config.json whose `*_file` entries point outside the roots (loaders open them as is)."""
     try:
-        cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        cfg = read_json(path / "tokenizer_config.json")
     except (OSError, ValueError):
         return  # absent or unreadable: the tokenizer loader reports it
     if not isinstance(cfg, dict):

@@ -6,7 +6,6 @@ by the server, it saves its state and pauses; the run resumes from that state on
 """
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -25,7 +24,7 @@ from service.runs import RUN_STATE_KIND, RunStore, adopt_legacy_state, checkpoin
 from service.tasks import make_engine
 from service.train.fused_lora import fuse_lora_layers
 from service.worker import Terminated, format_error, start_worker_process
-from util.files import fresh_dir, publish, write_json
+from util.files import fresh_dir, publish, read_json, write_json
 from util.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -381,7 +380,10 @@ class RunState:
             self._load_optimizer(path / "optimizer.pt")
         meta_file = path / "run_state.json"
         if meta_file.is_file():
-            self.steps = int(json.loads(meta_file.read_text(encoding="utf-8")).get("step", self.steps))
+            try:
+                self.steps = int(read_json(meta_file).get("step", self.steps))
+            except (OSError, ValueError, TypeError):
+                raise JobError(f"'{path.name}' has an unreadable run_state.json") from None
         return {"path": str(path), "with_optimizer": with_optimizer, "step": self.steps}
 
     def _load_optimizer(self, file: Path) -> None:

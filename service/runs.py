@@ -5,7 +5,6 @@ state in memory. Primitive calls become jobs in SQLite; the worker executes its 
 """
 
 import asyncio
-import json
 import logging
 import threading
 import uuid
@@ -37,7 +36,7 @@ from service import models
 from service.jobs import RunningJob, is_worker_of, process_start, spawn_worker, take_ended, terminate_group
 from service.tasks import TaskStore, lock_for_write
 from util.errors import AppError, ConflictError, InvalidInputError, NotFoundError
-from util.files import check_replaceable, read_marker, write_marker
+from util.files import check_replaceable, read_json, read_marker, write_marker
 from util.paths import resolve_client_path
 from util.settings import Settings
 
@@ -244,7 +243,7 @@ def adopt_legacy_state(path: Path, run_id: str) -> None:
     if not path.is_dir() or read_marker(path) is not None:
         return
     try:
-        meta = json.loads((path / "run_state.json").read_text(encoding="utf-8"))
+        meta = read_json(path / "run_state.json")
     except (OSError, ValueError):
         return
     if isinstance(meta, dict) and meta.get("run_id") == run_id:
@@ -256,7 +255,7 @@ def read_state(path: Path) -> dict[str, Any]:
     if not models.is_adapter_dir(path):
         raise InvalidInputError(f"'{path.name}' is not a saved run state (it has no adapter_config.json).")
     try:
-        cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        cfg = read_json(path / "adapter_config.json")
     except (OSError, ValueError):
         cfg = None
     if not isinstance(cfg, dict):
@@ -353,7 +352,7 @@ class RunService:
                     f"'{req.base_model}' is a LoRA adapter; a run needs a full base model (or use from_state)."
                 )
             base_name = req.base_model or self.settings.models.base_model
-        config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
+        config = read_json(base_path / "config.json")
         run = RunRow(
             id=run_id or uuid.uuid4().hex,
             status=RunStatus.starting,

@@ -324,3 +324,22 @@ def test_a_run_state_saved_before_markers_is_still_replaceable_by_its_run_only(t
     assert read_marker(state)["kind"] == RUN_STATE_KIND
     publish(fresh_dir(state), state, RUN_STATE_KIND, "r1")
     assert read_marker(state)["task_id"] == "r1"
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000 + "]" * 100_000, "[1, 2]", "{not json"])
+def test_an_unreadable_uploaded_adapter_config_is_a_4xx(guarded, world, content):
+    """A client's adapter_config.json nested too deep to parse, not an object, or malformed: a clear 4xx."""
+    client = world["client"]
+    for name, body in (("adapter_config.json", content), ("adapter_model.safetensors", "x")):
+        r = client.post("/api/data/upload", files={"file": (name, body.encode())}, data={"overwrite": "true"})
+        assert r.status_code == 201, r.text
+    model = str(guarded.data_dir / "uploads")
+    for route, body in (
+        ("/api/inference/chat", {"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+        ("/api/data/validate", {"file_path": "uploads/keep.jsonl", "model": model}),
+        ("/api/export/merged", {"model": model}),
+    ):
+        r = client.post(route, json=body)
+        assert r.status_code == 422, (route, r.status_code, r.text[:300])
+        assert "adapter_config.json" in r.json()["error"]["message"]
+    assert_intact(guarded, world)

@@ -24,6 +24,17 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; malformed JSON, nesting too deep to parse or a non-object raise ValueError."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError(f"{path.name} is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name} does not hold a JSON object")
+    return data
+
+
 def marker_path(output: Path) -> Path:
     """Where an output's marker lives: inside a folder, or beside a file output (an archive) as a hidden file."""
     if output.is_file() or output.name.endswith(".tar.gz"):
@@ -34,10 +45,10 @@ def marker_path(output: Path) -> Path:
 def read_marker(output: Path) -> dict[str, Any] | None:
     """The marker of an output this service wrote, or None (absent or unreadable)."""
     try:
-        data = json.loads(marker_path(output).read_text(encoding="utf-8"))
+        data = read_json(marker_path(output))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("kind"), str) else None
+    return data if isinstance(data.get("kind"), str) else None
 
 
 def write_marker(output: Path, kind: str, task_id: str, **extra: Any) -> None:

@@ -1,18 +1,21 @@
 """The model card (README.md) of a train task's output: base model, strategy, data, hyperparameters, metrics."""
 
-import json
 from pathlib import Path
 from typing import Any
 
 from entity.train import TrainRequest
+from util.files import read_json
 
 
 def base_model_name(model_path: Path) -> str:
     """The base model's name: the folder's name, or for an adapter given as the model, its own base's name."""
     config = model_path / "adapter_config.json"
     if config.is_file():
-        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if base:
+        try:
+            base = read_json(config).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            base = None
+        if isinstance(base, str) and base:
             return Path(base).name
     return model_path.name
 
