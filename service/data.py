@@ -765,10 +765,11 @@ class DataService:
             return self._delete(target, name, file_path, uploads)
 
     def _paths_in_use(self) -> dict[str, str]:
-        """The dataset files queued or running tasks read, each with one such task's id (none without a store)."""
+        """The dataset files queued, running or paused tasks read (a paused task reads them again when resumed)."""
         if self.store is None:
             return {}
-        return paths_in_use(self.store.with_status(TaskStatus.queued) + self.store.with_status(TaskStatus.running))
+        statuses = (TaskStatus.queued, TaskStatus.running, TaskStatus.paused)
+        return paths_in_use([task for status in statuses for task in self.store.with_status(status)])
 
     def _delete(self, target: Path, name: str, file_path: str, uploads: Path) -> DeleteResponse:
         """Remove an upload and its marker (the caller holds the delete lock)."""

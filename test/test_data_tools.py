@@ -152,5 +152,9 @@ def test_delete_refuses_an_upload_a_task_still_reads(client, settings):
     running = add_task(client, TaskStatus.running, None, request={"resolved": {"dataset_paths": [path]}})
     r = client.delete("/api/data/files", params={"file_path": "uploads/busy.jsonl"})
     assert r.status_code == 409 and r.json()["error"]["details"]["task_id"] == running
-    client.app.state.store.transition(running, TaskStatus.succeeded, (TaskStatus.running,))
+    # Paused, the task will read the file again when it resumes.
+    client.app.state.store.transition(running, TaskStatus.paused, (TaskStatus.running,))
+    r = client.delete("/api/data/files", params={"file_path": "uploads/busy.jsonl"})
+    assert r.status_code == 409 and r.json()["error"]["details"]["task_id"] == running
+    client.app.state.store.transition(running, TaskStatus.cancelled, (TaskStatus.paused,))
     assert client.delete("/api/data/files", params={"file_path": "uploads/busy.jsonl"}).status_code == 200
