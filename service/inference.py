@@ -47,6 +47,7 @@ class Prepared:
             seed=req.seed,
             stop=list(req.stop or []),
             top_logprobs=self.top_logprobs,
+            adapter=self.loaded.adapter,
         )
 
 
