@@ -21,7 +21,8 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,7 @@ class LoraRouter:
         self.token_slots: torch.Tensor | None = None
         self._dirty = 0
         self.on_realloc: Callable[[], None] | None = None
+        self._stream: Any = None
         self.stats = {"adapter_loads": 0, "adapter_evictions": 0, "adapter_tokens": 0, "mixed_steps": 0}
 
     # -- engine boundary --------------------------------------------------------------------------------
@@ -214,6 +216,7 @@ class LoraRouter:
             self.token_slots = torch.zeros(size, dtype=torch.int32, device=self.device)
             self._dirty = 0
         io = processor.inputs_and_outputs
+        self._stream = getattr(io, "compute_stream", None)  # the buffer is written on the stream that reads it
         prepare = io.prepare_batch_tensors
 
         def prepare_batch_tensors(requests_in_batch: Any, *args: Any, **kwargs: Any) -> None:
@@ -268,6 +271,11 @@ class LoraRouter:
             return
         if len(slots) > 1:
             self.stats["mixed_steps"] += 1
+        with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+            self._write_slots(buf, values)
+
+    def _write_slots(self, buf: torch.Tensor, values: list[int]) -> None:
+        """Write the step's token slots at the head of the buffer, zeroing what the previous step left beyond."""
         if any(values):
             n = min(len(values), buf.numel())
             self.stats["adapter_tokens"] += sum(1 for v in values if v)
@@ -376,7 +384,7 @@ class LoraRouter:
     def _evict(self, key: str) -> None:
         """Drop an idle adapter: its columns are zeroed and freed for reuse (in place: graphs stay valid)."""
         loaded = self._adapters.pop(key)
-        with self.step_lock:
+        with self._quiet():
             for name, cols in loaded.columns.items():
                 layer = self._layers[name]
                 index = torch.tensor(cols, device=self.device)
@@ -391,7 +399,7 @@ class LoraRouter:
         """Copy an adapter's matrices into free columns of each layer, growing the stacked tensors when needed."""
         grown = False
         columns: dict[str, list[int]] = {}
-        with self.step_lock:
+        with self._quiet():
             for name, (a, b) in weights.layers.items():
                 r = a.shape[0]
                 layer = self._layers.get(name)
@@ -410,6 +418,18 @@ class LoraRouter:
             if grown and self.on_realloc is not None:
                 self.on_realloc()
         return columns
+
+    @contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """No step runs meanwhile, and none is still running on the GPU before or after: safe to edit the stacks."""
+        with self.step_lock:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            try:
+                yield
+            finally:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
 
     def _new_layer(self, name: str, fan_in: int, fan_out: int) -> _Layer:
         """An empty stack for a linear layer, with its routing hook."""
