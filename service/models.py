@@ -441,6 +441,8 @@ class ModelCache:
                 while len(self._items) > self.size:
                     evicted, old = self._items.popitem(last=False)
                     log.info("evicted %s from the model cache", evicted)
+                    # Its adapters go with it (a stale view would keep the evicted weights alive).
+                    self._views = {k: v for k, v in self._views.items() if v[0] is not old}
                     if old.engine is not None:  # let its running requests finish, then stop its thread
                         threading.Thread(target=old.engine.drain_and_close, daemon=True).start()
                 self._key_locks.pop(key, None)

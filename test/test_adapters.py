@@ -213,3 +213,21 @@ def test_8_concurrent_chats_over_4_adapters_with_2_slots_are_200_or_429_and_righ
                 assert alone.status_code == 200 and alone.json()["content"] == r.json()["content"]
         health = client.get("/health").json()["inference"]
         assert health["model_loads"] == 1
+
+
+def test_evicting_a_base_drops_its_adapters_and_they_come_back_with_it(base_path, adapters, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(base_path, other)
+    cache = ModelCache(1, EngineConfig(max_running=4, max_waiting=4))
+    try:
+        view = cache.get(adapters[0])
+        assert len(cache.keys()) == 2 and cache.loads == 1
+        cache.get(other)  # cache_size 1: the base (and so its adapter) is evicted
+        assert len(cache.keys()) == 1 and not cache._views
+        again = cache.get(adapters[0])
+        assert again is not view and again.engine is not view.engine and cache.loads == 3
+        prompt = _prompt(again.tokenizer, "Hi")
+        done = again.engine.generate([prompt], [SamplingParams(max_tokens=4, adapter=again.adapter)])
+        assert len(done[0].token_ids) == 4 and again.engine.lora.loaded() == [str(adapters[0])]
+    finally:
+        cache.close()
