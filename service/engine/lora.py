@@ -202,6 +202,8 @@ class LoraRouter:
         self._dirty = 0
         self.on_realloc: Callable[[], None] | None = None
         self._stream: Any = None
+        self._static = True
+        self._step_routed = True  # whether the step being run has adapter tokens
         self.stats = {"adapter_loads": 0, "adapter_evictions": 0, "adapter_tokens": 0, "mixed_steps": 0}
 
     # -- engine boundary --------------------------------------------------------------------------------
@@ -225,6 +227,8 @@ class LoraRouter:
 
         io.prepare_batch_tensors = prepare_batch_tensors
         runner = processor.model_runner
+        # Captured graphs (or compile) fix the forward's code path, so only eager steps may skip the LoRA matmuls.
+        self._static = bool(getattr(runner, "pad_inputs", True))
         compute = runner.compute_batch
 
         def compute_batch(model: Any, batch_data: dict) -> None:
@@ -271,6 +275,7 @@ class LoraRouter:
             return
         if len(slots) > 1:
             self.stats["mixed_steps"] += 1
+        self._step_routed = any(values)
         with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
             self._write_slots(buf, values)
 
@@ -294,6 +299,8 @@ class LoraRouter:
             layer = self._layers.get(name)
             if not self.active or layer is None or self.token_slots is None:
                 return None
+            if not (self._static or self._step_routed):
+                return None  # an eager step of base tokens only
             x = inputs[0]
             n = x.shape[-2]
             slots = self.token_slots[:n].unsqueeze(-1)  # [n, 1]
