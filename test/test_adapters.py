@@ -231,3 +231,37 @@ def test_evicting_a_base_drops_its_adapters_and_they_come_back_with_it(base_path
         assert len(done[0].token_ids) == 4 and again.engine.lora.loaded() == [str(adapters[0])]
     finally:
         cache.close()
+
+
+def test_loading_an_adapter_while_another_decodes_leaves_the_running_answer_unchanged(base_path, adapters):
+    import threading
+
+    cache = ModelCache(1, EngineConfig(max_running=4, max_waiting=4))
+    try:
+        first = cache.get(adapters[0])
+        engine = first.engine
+        prompt = _prompt(first.tokenizer, QUESTIONS[1])
+        params = SamplingParams(max_tokens=200, adapter=first.adapter)
+        alone = engine.generate([prompt], [params])[0].token_ids
+        assert len(alone) > 50
+        seen: list = []
+        finished = threading.Event()
+
+        def sink(out) -> None:
+            seen.append(out)
+            if out.is_finished() or out.error:
+                finished.set()
+
+        rid = engine.submit(prompt, params, sink)
+        while not seen:  # decoding has started
+            finished.wait(0.001)
+        second = cache.get(adapters[3])  # new hooked layers and grown stacks while the first request decodes
+        other = engine.generate([prompt], [SamplingParams(max_tokens=5, adapter=second.adapter)])[0]
+        progress = len(seen[-1].generated_tokens)
+        assert len(other.token_ids) == 5 and progress < len(alone)  # both ran while the first was mid-answer
+        assert finished.wait(60)
+        engine.release(rid, cancel=False)
+        assert not seen[-1].error
+        assert list(seen[-1].generated_tokens) == alone
+    finally:
+        cache.close()
