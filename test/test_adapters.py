@@ -212,7 +212,9 @@ def test_8_concurrent_chats_over_4_adapters_with_2_slots_are_200_or_429_and_righ
                 alone = client.post("/api/inference/chat", json=body)
                 assert alone.status_code == 200 and alone.json()["content"] == r.json()["content"]
         health = client.get("/health").json()["inference"]
-        assert health["model_loads"] == 1
+        assert health["model_loads"] == 1 and 1 <= health["adapters"] <= 2
+        loads, evictions = health["adapter_loads"], health["adapter_evictions"]
+        assert loads >= 4 and evictions == loads - health["adapters"]
 
 
 def test_evicting_a_base_drops_its_adapters_and_they_come_back_with_it(base_path, adapters, tmp_path):
