@@ -203,6 +203,7 @@ class LoraRouter:
         self.on_realloc: Callable[[], None] | None = None
         self._stream: Any = None
         self._static = True
+        self.supported = True
         self._step_routed = True  # whether the step being run has adapter tokens
         self.stats = {"adapter_loads": 0, "adapter_evictions": 0, "adapter_tokens": 0, "mixed_steps": 0}
 
@@ -218,12 +219,15 @@ class LoraRouter:
             self.token_slots = torch.zeros(size, dtype=torch.int32, device=self.device)
             self._dirty = 0
         io = processor.inputs_and_outputs
+        # Asynchronous batching prepares step N+1 while step N runs: one slot buffer would race, so adapters are
+        # then served merged (NotRoutableError at load).
+        self.supported = not hasattr(io, "io_pairs")
         self._stream = getattr(io, "compute_stream", None)  # the buffer is written on the stream that reads it
         prepare = io.prepare_batch_tensors
 
         def prepare_batch_tensors(requests_in_batch: Any, *args: Any, **kwargs: Any) -> None:
             prepare(requests_in_batch, *args, **kwargs)
-            self._fill_slots(io.requests_in_batch)
+            self._fill_slots(requests_in_batch)
 
         io.prepare_batch_tensors = prepare_batch_tensors
         runner = processor.model_runner
@@ -370,6 +374,8 @@ class LoraRouter:
             with self._meta:
                 if key in self._adapters:
                     return
+            if not self.supported:
+                raise NotRoutableError("the engine runs with asynchronous batching")
             weights = read_adapter(path, self.model)  # outside the locks: disk reads never stall a step
             with self._meta:
                 while len(self._adapters) >= self.max_adapters:
