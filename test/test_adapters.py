@@ -267,3 +267,19 @@ def test_loading_an_adapter_while_another_decodes_leaves_the_running_answer_unch
         assert list(seen[-1].generated_tokens) == alone
     finally:
         cache.close()
+
+
+def test_broken_adapter_files_are_422_over_http_and_the_server_keeps_serving(client, adapter_dir, settings):
+    broken = settings.model_dir / "outputs" / "broken"
+    shutil.copytree(adapter_dir, broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    empty = settings.model_dir / "outputs" / "empty"
+    shutil.copytree(adapter_dir, empty)
+    (empty / "adapter_model.safetensors").unlink()
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
+    for name, words in (("broken", "unreadable weights"), ("empty", "no adapter_model")):
+        r = client.post("/api/inference/chat", json={**body, "model": f"outputs/{name}"})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["type"] == "invalid_input" and words in r.json()["error"]["message"]
+    good = client.post("/api/inference/chat", json={**body, "model": "outputs/lora-out"})
+    assert good.status_code == 200 and client.get("/health").json()["inference"]["adapters"] == 1
