@@ -246,7 +246,8 @@ def evaluate_model(
     """Every requested metric of one model, and its per-example predictions."""
     from service.inference import InferenceService
 
-    cache = ModelCache(1, EngineConfig.from_settings(settings.inference))
+    # Loss and perplexity run the model outside the engine, so an adapter is merged rather than routed.
+    cache = ModelCache(1, EngineConfig.from_settings(settings.inference), share_adapters=False)
     loaded = cache.get(path)
     metrics: dict[str, Any] = {}
     if {"loss", "perplexity"} & set(req.metrics):

@@ -47,6 +47,7 @@ class Prepared:
             seed=req.seed,
             stop=list(req.stop or []),
             top_logprobs=self.top_logprobs,
+            adapter=self.loaded.adapter,
         )
 
 
@@ -64,6 +65,8 @@ class InferenceService:
     def stats(self) -> dict[str, int]:
         """Request outcomes plus the engines' counters (decode steps, tokens, running and waiting requests)."""
         totals = {"decode_steps": 0, "generated_tokens": 0, "running": 0, "waiting": 0, "rejected": 0}
+        # LoRA adapters routed on shared bases: resident now, loads, evictions, steps mixing adapters.
+        totals.update(adapters=0, adapter_loads=0, adapter_evictions=0, mixed_steps=0)
         for loaded in self.cache.loaded_models():
             if loaded.engine is not None:
                 for key, value in loaded.engine.counters().items():

@@ -339,6 +339,7 @@ class LoadedModel:
     context_length: int
     eos_token_ids: set[int] = field(default_factory=set)
     engine: "Engine | None" = None  # its continuous-batching engine, started at load when the cache has a config
+    adapter: str | None = None  # a LoRA folder routed per token on the base's engine (model is then the bare base)
 
 
 def context_length(model: Any, tokenizer: Any) -> int:
@@ -363,16 +364,24 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 class ModelCache:
-    """An LRU cache of served models keyed by (base, adapter, dtype, device); a model is loaded once."""
+    """An LRU cache of served models keyed by (base, adapter, dtype, device); a model is loaded once.
 
-    def __init__(self, size: int, engine_config: "EngineConfig | None" = None) -> None:
+    With `share_adapters` (the server), a LoRA adapter is served on its base's engine, routed per token (one copy of
+    the base weights for any number of adapters; see service/engine/lora.py). Adapters routing cannot express, and
+    every adapter without `share_adapters` (callers that run the model outside the engine), are merged into a copy.
+    """
+
+    def __init__(self, size: int, engine_config: "EngineConfig | None" = None, share_adapters: bool = True) -> None:
         """Keep at most `size` models loaded; give each a running engine (default engine settings unless given)."""
         from service.engine import EngineConfig
 
         self.size = size
         self.engine_config = engine_config or EngineConfig()
+        self.share_adapters = share_adapters
         self.loads = 0
         self._items: OrderedDict[tuple[str, str | None, str, str], LoadedModel] = OrderedDict()
+        self._views: dict[tuple[str, str | None, str, str], tuple[LoadedModel, LoadedModel]] = {}
+        self._merged_only: set[str] = set()  # adapters found not routable: served merged
         self._lock = threading.Lock()
         self._key_locks: dict[tuple[str, str | None, str, str], threading.Lock] = {}
 
@@ -384,9 +393,11 @@ class ModelCache:
         return str(path), None, dtype, device
 
     def keys(self) -> list[tuple[str, str | None, str, str]]:
-        """Cached keys, least recently used first."""
+        """Cached keys, least recently used first; then the adapters served on a cached base's engine."""
         with self._lock:
-            return list(self._items)
+            bases = list(self._items.values())
+            views = [k for k, (base, _) in self._views.items() if any(base is b for b in bases)]
+            return [*self._items, *views]
 
     def loaded_models(self) -> list[LoadedModel]:
         """The models held now."""
@@ -397,6 +408,7 @@ class ModelCache:
         """Stop every engine and drop the models."""
         with self._lock:
             items, self._items = list(self._items.values()), OrderedDict()
+            self._views.clear()
         for loaded in items:
             if loaded.engine is not None:
                 loaded.engine.close()
@@ -409,6 +421,12 @@ class ModelCache:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
+            shared = self.share_adapters and key[1] is not None and key[1] not in self._merged_only
+        if shared:
+            view = self._adapter_view(path, key)
+            if view is not None:
+                return view
+        with self._lock:
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         with key_lock:
             with self._lock:
@@ -423,6 +441,8 @@ class ModelCache:
                 while len(self._items) > self.size:
                     evicted, old = self._items.popitem(last=False)
                     log.info("evicted %s from the model cache", evicted)
+                    # Its adapters go with it (a stale view would keep the evicted weights alive).
+                    self._views = {k: v for k, v in self._views.items() if v[0] is not old}
                     if old.engine is not None:  # let its running requests finish, then stop its thread
                         threading.Thread(target=old.engine.drain_and_close, daemon=True).start()
                 self._key_locks.pop(key, None)
@@ -431,6 +451,48 @@ class ModelCache:
 
             torch.cuda.empty_cache()
         return loaded
+
+    def _adapter_view(self, path: Path, key: tuple[str, str | None, str, str]) -> LoadedModel | None:
+        """The adapter served on its base's engine (loaded there now, LRU-bounded); None when it must be merged."""
+        from service.engine.lora import NotRoutableError
+
+        base_path = Path(key[0])
+        if not is_model_dir(base_path):
+            raise NotFoundError(
+                f"The adapter at '{path.name}' names a base model that was not found.", details={"model": str(path)}
+            )
+        base = self.get(base_path)
+        with self._lock:
+            cached = self._views.get(key)
+        try:
+            base.engine.lora.load(path)  # a no-op (LRU touch) when resident; reloads an evicted adapter
+        except NotRoutableError as exc:
+            log.info("adapter %s is served merged into its own copy of the base: %s", path, exc)
+            with self._lock:
+                self._merged_only.add(str(path))
+            return None
+        if cached is not None and cached[0] is base:
+            return cached[1]
+        tokenizer = load_tokenizer(tokenizer_dir(path))
+        if len(tokenizer) != len(base.tokenizer):
+            log.info("adapter %s has its own vocabulary; it is served merged", path)
+            with self._lock:
+                self._merged_only.add(str(path))
+            return None
+        view = LoadedModel(
+            path=path,
+            model=base.model,
+            tokenizer=tokenizer,
+            device=base.device,
+            dtype=base.dtype,
+            context_length=base.context_length,
+            eos_token_ids=base.eos_token_ids,
+            engine=base.engine,
+            adapter=str(path),
+        )
+        with self._lock:
+            self._views[key] = (base, view)
+        return view
 
     def _start_engine(self, loaded: LoadedModel) -> None:
         """Start the model's continuous-batching engine (CUDA graphs are captured here, not on a request)."""

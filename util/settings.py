@@ -90,6 +90,7 @@ class InferenceSettings(BaseModel):
     cuda_graphs: bool | None = None
     graph_kv_padding: int | None = Field(None, ge=16)
     kv_cache_memory: float = Field(0.25, gt=0, le=0.95)
+    max_adapters: int = Field(8, ge=1)
 
 
 class RunSettings(BaseModel):

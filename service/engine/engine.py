@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.engine.lora import LoraRouter
 from service.engine.sampling import TOP_LOGPROBS_MAX, EngineLogitsArgs, EngineSampler
 from service.engine.text import TextAssembler
 from util.errors import OverloadedError
@@ -35,6 +36,7 @@ class EngineConfig:
     memory_fraction: float = 0.25  # of free GPU memory for the paged KV cache (training tasks share the GPU)
     graph_kv_padding: int | None = None  # KV length granularity of captured graphs; None = the library's (8192)
     retry_after_s: int = 1
+    max_adapters: int = 8  # LoRA adapters resident on one model's engine (LRU beyond; see lora.py)
 
     @classmethod
     def from_settings(cls, inference: Any) -> "EngineConfig":
@@ -47,6 +49,7 @@ class EngineConfig:
             cuda_graphs=inference.cuda_graphs,
             graph_kv_padding=inference.graph_kv_padding,
             memory_fraction=inference.kv_cache_memory,
+            max_adapters=getattr(inference, "max_adapters", 8),
         )
 
 
@@ -61,6 +64,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     top_logprobs: int = 0
+    adapter: str | None = None  # a LoRA adapter folder routed on this engine's base (lora.py); None = the base
 
 
 @dataclass
@@ -156,6 +160,7 @@ class Engine:
         self._tops: dict[str, list[list[tuple[int, float]]]] = {}
         self.manager: Any = None
         self.sampler: EngineSampler | None = None
+        self.lora = LoraRouter(model, config.max_adapters)  # adapters sharing this model's base weights
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -198,6 +203,7 @@ class Engine:
             original_update()
 
         processor.update_batch = update_batch
+        self.lora.attach(processor)
         if on_cuda:
             started = time.perf_counter()
             self.manager.warmup()
@@ -265,7 +271,8 @@ class Engine:
         if processor is not None:
             running = len(processor.scheduler.active_requests)
             waiting = len(processor.scheduler.waiting_requests) + self.manager.input_queue.qsize()
-        return {**self.stats, "running": running, "waiting": waiting, "in_flight": len(self._inflight)}
+        counts = {**self.stats, **self.lora.stats, "adapters": len(self.lora.loaded())}
+        return {**counts, "running": running, "waiting": waiting, "in_flight": len(self._inflight)}
 
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Any], None], bounded: bool = True
@@ -274,8 +281,10 @@ class Engine:
         self._ensure_running()
         limit = self.config.max_running + self.config.max_waiting
         rid = f"r{next(self._ids)}"
+        self.lora.bind(rid, params.adapter)
         with self._lock:
             if bounded and len(self._inflight) >= limit:
+                self.lora.unbind(rid)
                 self.stats["rejected"] += 1
                 raise OverloadedError(
                     f"The server is at capacity ({self.config.max_running} running, {self.config.max_waiting} "
@@ -311,6 +320,7 @@ class Engine:
         with self._lock:
             self._inflight.discard(rid)
             self._tops.pop(rid, None)
+        self.lora.unbind(rid)
         if self.manager is not None:
             router = self.manager.output_router
             with router._lock:
