@@ -90,6 +90,7 @@ class InferenceSettings(BaseModel):
     cuda_graphs: bool | None = None
     graph_kv_padding: int | None = Field(None, ge=16)
     kv_cache_memory: float = Field(0.25, gt=0, le=0.95)
+    engine_attention: Literal["varlen", "sdpa"] | None = None
 
 
 class RunSettings(BaseModel):

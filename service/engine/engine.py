@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.engine import attention, buckets
 from service.engine.sampling import TOP_LOGPROBS_MAX, EngineLogitsArgs, EngineSampler
 from service.engine.text import TextAssembler
 from util.errors import OverloadedError
@@ -33,7 +34,8 @@ class EngineConfig:
     num_blocks: int | None = None  # KV-cache pages; None = sized from free memory (GPU) or a small default (CPU)
     cuda_graphs: bool | None = None  # None = on with CUDA (7x faster per step with sdpa on an H100), off on CPU
     memory_fraction: float = 0.25  # of free GPU memory for the paged KV cache (training tasks share the GPU)
-    graph_kv_padding: int | None = None  # KV length granularity of captured graphs; None = the library's (8192)
+    graph_kv_padding: int | None = None  # smallest KV-read bucket of captured graphs (tokens); None = 4096
+    attention: str | None = None  # "varlen" (PyTorch's flash varlen kernel) or "sdpa"; None = varlen on CUDA only
     retry_after_s: int = 1
 
     @classmethod
@@ -47,6 +49,7 @@ class EngineConfig:
             cuda_graphs=inference.cuda_graphs,
             graph_kv_padding=inference.graph_kv_padding,
             memory_fraction=inference.kv_cache_memory,
+            attention=getattr(inference, "engine_attention", None),
         )
 
 
@@ -156,6 +159,7 @@ class Engine:
         self._tops: dict[str, list[list[tuple[int, float]]]] = {}
         self.manager: Any = None
         self.sampler: EngineSampler | None = None
+        self._original_attention: str | None = None
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -164,6 +168,7 @@ class Engine:
 
         cfg = self.config
         on_cuda = self.model.device.type == "cuda"
+        varlen = self._use_varlen_attention(on_cuda)
         cb = ContinuousBatchingConfig(
             max_requests_per_batch=cfg.max_running,
             max_batch_tokens=cfg.max_batch_tokens or (None if on_cuda else 256),
@@ -172,7 +177,7 @@ class Engine:
             return_logprobs=True,
             use_async_batching=False,  # the top-logprob buffers are read after each step
             use_cuda_graph=cfg.cuda_graphs if cfg.cuda_graphs is not None else (True if on_cuda else None),
-            kv_padding_interval_size=cfg.graph_kv_padding or 0,
+            kv_padding_interval_size=0 if varlen else cfg.graph_kv_padding or 0,
             allow_block_sharing=True,
             max_memory_percent=cfg.memory_fraction if on_cuda else None,
         )
@@ -198,9 +203,13 @@ class Engine:
             original_update()
 
         processor.update_batch = update_batch
+        if varlen and graphs:
+            buckets.install(processor, min_kv=cfg.graph_kv_padding or buckets.MIN_KV)
         if on_cuda:
             started = time.perf_counter()
             self.manager.warmup()
+            if varlen and graphs:
+                buckets.warm_up(processor, self.model, min_kv=cfg.graph_kv_padding or buckets.MIN_KV)
             log.info("engine warm-up (CUDA graphs) took %.1f s", time.perf_counter() - started)
         # The manager's own start() makes a non-daemon thread, which would keep a finished worker process alive.
         self.manager.background_thread_status.clear()
@@ -208,6 +217,20 @@ class Engine:
             target=self.manager._run_generation_loop, name="engine", daemon=True
         )
         self.manager._generation_thread.start()
+
+    def _use_varlen_attention(self, on_cuda: bool) -> bool:
+        """Switch the model to the varlen paged attention where configured (default: on CUDA); False = keep SDPA."""
+        choice = self.config.attention or ("varlen" if on_cuda and attention.available("cuda") else "sdpa")
+        if choice not in ("varlen", "sdpa"):
+            raise ValueError(f"unknown engine attention {choice!r}: use 'varlen' or 'sdpa'")
+        if choice == "sdpa":
+            return False
+        attention.register()
+        current = self.model.config._attn_implementation
+        if current != attention.NAME:
+            self._original_attention = current
+            self.model.config._attn_implementation = attention.NAME
+        return True
 
     def _ensure_running(self) -> None:
         """Restart the manager if a failed step stopped it (its requests were failed with the error)."""
@@ -227,6 +250,9 @@ class Engine:
             except Exception:  # pragma: no cover - shutting down anyway
                 log.exception("engine stop failed")
             self.manager = None
+        if self._original_attention is not None:  # the model may be trained or used on its own again
+            self.model.config._attn_implementation = self._original_attention
+            self._original_attention = None
 
     def drain_and_close(self, timeout: float = 600.0) -> None:
         """Wait (up to `timeout` s) for the admitted requests to finish, then stop."""
