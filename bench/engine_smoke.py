@@ -89,7 +89,7 @@ def main() -> None:
                     f"{seconds / steps * 1000:.2f} ms/step, greedy answers equal to the first config's: {same}",
                     flush=True,
                 )
-                if args.profile and users == max(int(u) for u in args.users.split(",")):
+                if args.profile and users == max(int(u) for u in args.users.split(",")) and graphs == "true":
                     from torch.profiler import ProfilerActivity, profile
 
                     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

@@ -279,7 +279,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     """Parse arguments, run every shape, print the table and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     parser.add_argument("--shapes", default="smollm2,qwen0.5b", type=lambda s: s.split(","))
     parser.add_argument("--users", default="1,8,32,64,256", type=ints)
     parser.add_argument("--modes", default="stream,plain", type=lambda s: s.split(","))

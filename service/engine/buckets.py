@@ -11,6 +11,8 @@ import logging
 import time
 from typing import Any
 
+import torch
+
 log = logging.getLogger(__name__)
 
 MIN_Q = 64  # smallest query bucket: below it the step costs the same (weights dominate), so fewer graphs
@@ -61,11 +63,15 @@ def warm_up(processor: Any, model: Any, min_q: int = MIN_Q, min_kv: int = MIN_KV
     started = time.perf_counter()
     q_sizes = buckets(min_q, cache.max_batch_tokens)
     kv_sizes = [0, *buckets(min_kv, min(kv_max, cache.max_tokens_read))]
-    for q in q_sizes:
-        for kv in kv_sizes:
-            runner.run_one_warmup(model=model, num_q_tokens=q, max_kv_read=kv)
+    with torch.no_grad():  # as the library's own warm-up: captured steps must not record autograd state
+        for q in q_sizes:
+            for kv in kv_sizes:
+                runner.run_one_warmup(model=model, num_q_tokens=q, max_kv_read=kv)
     cache.reset()  # warm-up requests pulled sectors into the allocators: give them back
     count = len(processor.inputs_and_outputs.graphs._storage)
+    if runner.use_cuda_graph_varlen and count < len(q_sizes) * len(kv_sizes):  # the library logs each failure
+        log.warning("only %d of %d step graphs captured at start: the rest are captured while serving", count,
+                    len(q_sizes) * len(kv_sizes))  # fmt: skip
     log.info("%d step graphs (%d query x %d KV buckets) after %.1f s of warm-up", count, len(q_sizes), len(kv_sizes),
              time.perf_counter() - started)  # fmt: skip
     return count
