@@ -5,6 +5,7 @@ import torch
 
 from conftest import TINY_NAME
 from service.engine import EngineConfig, SamplingParams, attention, buckets
+from service.engine.sampling import EngineLogitsArgs, EngineSampler, _f32_bits
 from service.models import ModelCache, render_chat
 
 QUESTIONS = ["Say hello.", "Name a colour.", "Count to three, please.", "What is a dog?", "Tell me a long story."]
@@ -99,7 +100,9 @@ def test_padded_bucketed_steps_give_the_same_answers(two_engines):
         assert pad(5, 0, False) == (8, 0) and pad(3, 17, False) == (4, 32) and pad(30, 3, False) == (24, 16)
         # The start-up warm-up runs every bucket's step (here eagerly: CPU has no graphs), then frees the cache.
         free = processor.cache.pool.num_free_sectors
-        buckets.warm_up(processor, varlen.model, min_q=4, min_kv=16, kv_max=64)
+        modes = []
+        buckets.warm_up(processor, varlen.model, min_q=4, min_kv=16, kv_max=64, set_mode=modes.append)
+        assert modes == [False, True, False]
         assert processor.cache.pool.num_free_sectors == processor.cache.num_sectors >= free  # all given back
         assert varlen.engine.generate(prompts[:2], params[:2])[1].token_ids == want[1].token_ids
     finally:
@@ -113,3 +116,27 @@ def test_closing_the_engine_restores_the_models_attention(two_engines):
     assert varlen.model.config._attn_implementation != attention.NAME
     engine.start()  # the module fixture's cache closes it again at the end
     assert varlen.model.config._attn_implementation == attention.NAME
+
+
+def test_greedy_only_sampler_graph_gives_the_full_graphs_greedy_answer():
+    """With graphs keyed by mode, an all-greedy step skips the sort and noise; its tokens and logprobs are the same."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6, 50)
+    args = EngineLogitsArgs()
+    storage = torch.zeros((5, 8), dtype=torch.int32)
+    args.fill_defaults(storage[:, :1])
+    storage[:] = storage[:, :1]
+    storage[0] = _f32_bits([0.0] * 8)  # temperature 0 everywhere: greedy rows
+    args.current_args = storage
+    outputs = []
+    for full in (True, False):
+        sampler = EngineSampler(args, 8, torch.device("cpu"), graphs=True)
+        sampler.graphs_keyed_by_mode = True
+        args.force_full, args.needs = full, dict.fromkeys(("sampling", "nucleus", "top"), False)
+        assert args.full_step() is full
+        out = torch.zeros((2, 8), dtype=torch.int32)
+        sampler(logits, out)
+        outputs.append(out)
+    assert torch.equal(outputs[0], outputs[1])
+    assert outputs[0][0, :6].tolist() == logits[0].argmax(-1).tolist()
+    args.force_full = False

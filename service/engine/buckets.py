@@ -9,6 +9,7 @@ dozen graphs cover every step, and `warm_up` captures them before the first requ
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,8 +38,11 @@ def buckets(floor: int, cap: int) -> list[int]:
     return [*sizes, cap]
 
 
-def install(processor: Any, min_q: int = MIN_Q, min_kv: int = MIN_KV) -> None:
-    """Pad steps to power-of-two (query, KV read) buckets and key the step's graphs on those two sizes alone."""
+def install(processor: Any, min_q: int = MIN_Q, min_kv: int = MIN_KV, mode: Callable[[], bool] | None = None) -> None:
+    """Pad steps to power-of-two (query, KV read) buckets and key the step's graphs on those sizes (and `mode()`).
+
+    `mode`, where given, tells steps whose sampler graphs differ apart (the engine's greedy-only vs full sampling).
+    """
     runner, cache, io = processor.model_runner, processor.cache, processor.inputs_and_outputs
     max_q, max_kv = cache.max_batch_tokens, cache.max_tokens_read
 
@@ -51,27 +55,43 @@ def install(processor: Any, min_q: int = MIN_Q, min_kv: int = MIN_KV) -> None:
 
     def graph_key() -> tuple[int, ...]:
         """The padded sizes: everything else a graph depends on is read from tensors at replay."""
-        return (io.num_q_tokens, io.max_kv_read)
+        return (io.num_q_tokens, io.max_kv_read, int(mode()) if mode is not None else 0)
 
     runner.maybe_pad_inputs = maybe_pad_inputs
     io._get_graph_key = graph_key
 
 
-def warm_up(processor: Any, model: Any, min_q: int = MIN_Q, min_kv: int = MIN_KV, kv_max: int = WARM_KV_MAX) -> int:
-    """Capture the graph of every (query, KV read) bucket up to `kv_max` cached tokens; returns the graph count."""
+def warm_up(
+    processor: Any,
+    model: Any,
+    min_q: int = MIN_Q,
+    min_kv: int = MIN_KV,
+    kv_max: int = WARM_KV_MAX,
+    set_mode: Callable[[bool], None] | None = None,
+) -> int:
+    """Capture the graph of every (query, KV read) bucket up to `kv_max` cached tokens; returns the graph count.
+
+    With `set_mode`, each bucket is captured twice, after set_mode(False) and set_mode(True); it ends on False.
+    """
     runner, cache = processor.model_runner, processor.cache
     started = time.perf_counter()
     q_sizes = buckets(min_q, cache.max_batch_tokens)
     kv_sizes = [0, *buckets(min_kv, min(kv_max, cache.max_tokens_read))]
+    modes = [False, True] if set_mode is not None else [False]
     with torch.no_grad():  # as the library's own warm-up: captured steps must not record autograd state
-        for q in q_sizes:
-            for kv in kv_sizes:
-                runner.run_one_warmup(model=model, num_q_tokens=q, max_kv_read=kv)
+        for full in modes:
+            if set_mode is not None:
+                set_mode(full)
+            for q in q_sizes:
+                for kv in kv_sizes:
+                    runner.run_one_warmup(model=model, num_q_tokens=q, max_kv_read=kv)
+    if set_mode is not None:
+        set_mode(False)
     cache.reset()  # warm-up requests pulled sectors into the allocators: give them back
     count = len(processor.inputs_and_outputs.graphs._storage)
-    if runner.use_cuda_graph_varlen and count < len(q_sizes) * len(kv_sizes):  # the library logs each failure
-        log.warning("only %d of %d step graphs captured at start: the rest are captured while serving", count,
-                    len(q_sizes) * len(kv_sizes))  # fmt: skip
+    wanted = len(modes) * len(q_sizes) * len(kv_sizes)
+    if runner.use_cuda_graph_varlen and count < wanted:  # the library logs each failure
+        log.warning("only %d of %d step graphs captured at start: the rest are captured while serving", count, wanted)
     log.info("%d step graphs (%d query x %d KV buckets) after %.1f s of warm-up", count, len(q_sizes), len(kv_sizes),
              time.perf_counter() - started)  # fmt: skip
     return count

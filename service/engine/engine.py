@@ -204,12 +204,15 @@ class Engine:
 
         processor.update_batch = update_batch
         if varlen and graphs:
-            buckets.install(processor, min_kv=cfg.graph_kv_padding or buckets.MIN_KV)
+            buckets.install(processor, min_kv=cfg.graph_kv_padding or buckets.MIN_KV, mode=self.logits_args.full_step)
+            self.sampler.graphs_keyed_by_mode = True
         if on_cuda:
             started = time.perf_counter()
             self.manager.warmup()
             if varlen and graphs:
-                buckets.warm_up(processor, self.model, min_kv=cfg.graph_kv_padding or buckets.MIN_KV)
+                buckets.warm_up(
+                    processor, self.model, min_kv=cfg.graph_kv_padding or buckets.MIN_KV, set_mode=self._warm_mode
+                )
             log.info("engine warm-up (CUDA graphs) took %.1f s", time.perf_counter() - started)
         # The manager's own start() makes a non-daemon thread, which would keep a finished worker process alive.
         self.manager.background_thread_status.clear()
@@ -217,6 +220,11 @@ class Engine:
             target=self.manager._run_generation_loop, name="engine", daemon=True
         )
         self.manager._generation_thread.start()
+
+    def _warm_mode(self, full: bool) -> None:
+        """Make the warm-up's steps capture the full (True) or greedy-only (False) sampler graphs."""
+        self.logits_args.force_full = full
+        self.logits_args.needs = dict.fromkeys(("sampling", "nucleus", "top"), full)
 
     def _use_varlen_attention(self, on_cuda: bool) -> bool:
         """Switch the model to the varlen paged attention where configured (default: on CUDA); False = keep SDPA."""
