@@ -140,3 +140,10 @@ def test_greedy_only_sampler_graph_gives_the_full_graphs_greedy_answer():
     assert torch.equal(outputs[0], outputs[1])
     assert outputs[0][0, :6].tolist() == logits[0].argmax(-1).tolist()
     args.force_full = False
+
+
+def test_sliding_window_models_keep_sdpa():
+    from transformers import MistralConfig, Qwen2Config
+
+    assert attention.full_attention_only(Qwen2Config(num_hidden_layers=2))
+    assert not attention.full_attention_only(MistralConfig(num_hidden_layers=2, sliding_window=4096))

@@ -25,6 +25,13 @@ def available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" and hasattr(torch.ops.aten, "_flash_attention_forward")
 
 
+def full_attention_only(config: Any) -> bool:
+    """Whether every layer of the model is plain causal attention (no sliding window, which this function lacks)."""
+    from transformers.generation.continuous_batching.cache import group_layers_by_attn_type
+
+    return list(group_layers_by_attn_type(config.get_text_config())) == ["full_attention"]
+
+
 def register() -> str:
     """Make NAME a valid attn_implementation for transformers models; returns NAME."""
     from transformers import AttentionInterface

@@ -228,9 +228,14 @@ class Engine:
 
     def _use_varlen_attention(self, on_cuda: bool) -> bool:
         """Switch the model to the varlen paged attention where configured (default: on CUDA); False = keep SDPA."""
-        choice = self.config.attention or ("varlen" if on_cuda and attention.available("cuda") else "sdpa")
+        full_only = attention.full_attention_only(self.model.config)
+        auto = "varlen" if on_cuda and attention.available("cuda") and full_only else "sdpa"
+        choice = self.config.attention or auto
         if choice not in ("varlen", "sdpa"):
             raise ValueError(f"unknown engine attention {choice!r}: use 'varlen' or 'sdpa'")
+        if choice == "varlen" and not full_only:
+            log.warning("varlen engine attention covers full-attention models only; this one has windows: SDPA")
+            choice = "sdpa"
         if choice == "sdpa":
             return False
         attention.register()
