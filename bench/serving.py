@@ -241,6 +241,7 @@ def run_shape(shape: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         print(shape, result["baseline"][-1], flush=True)
     graphs = {"auto": None, "true": True, "false": False}[args.cuda_graphs]
     engine = {"cuda_graphs": graphs, "graph_kv_padding": args.kv_padding, "max_batch_tokens": args.max_batch_tokens}
+    engine["engine_attention"] = None if args.attention == "auto" else args.attention
     url, proc = start_server(work / shape, root, name, args.max_running, engine)
     try:
         started = time.perf_counter()
@@ -278,7 +279,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     """Parse arguments, run every shape, print the table and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     parser.add_argument("--shapes", default="smollm2,qwen0.5b", type=lambda s: s.split(","))
     parser.add_argument("--users", default="1,8,32,64,256", type=ints)
     parser.add_argument("--modes", default="stream,plain", type=lambda s: s.split(","))
@@ -288,6 +289,7 @@ def main() -> None:
     parser.add_argument("--max-running", type=int, default=256, help="inference.max_concurrent_generations")
     parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "true", "false"])
     parser.add_argument("--kv-padding", type=int, help="inference.graph_kv_padding")
+    parser.add_argument("--attention", default="auto", choices=["auto", "varlen", "sdpa"], help="engine_attention")
     parser.add_argument("--max-batch-tokens", type=int, help="inference.max_batch_tokens")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
@@ -302,6 +304,7 @@ def main() -> None:
             "max_tokens": args.max_tokens,
             "cuda_graphs": args.cuda_graphs,
             "kv_padding": args.kv_padding,
+            "attention": args.attention,
             "max_batch_tokens": args.max_batch_tokens,
             "results": results,
         }

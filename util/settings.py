@@ -91,6 +91,7 @@ class InferenceSettings(BaseModel):
     graph_kv_padding: int | None = Field(None, ge=16)
     kv_cache_memory: float = Field(0.25, gt=0, le=0.95)
     max_adapters: int = Field(8, ge=1)
+    engine_attention: Literal["varlen", "sdpa"] | None = None
 
 
 class RunSettings(BaseModel):

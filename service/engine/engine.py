@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.engine.lora import LoraRouter
+from service.engine import attention, buckets
 from service.engine.sampling import TOP_LOGPROBS_MAX, EngineLogitsArgs, EngineSampler
 from service.engine.text import TextAssembler
 from util.errors import OverloadedError
@@ -34,7 +35,8 @@ class EngineConfig:
     num_blocks: int | None = None  # KV-cache pages; None = sized from free memory (GPU) or a small default (CPU)
     cuda_graphs: bool | None = None  # None = on with CUDA (7x faster per step with sdpa on an H100), off on CPU
     memory_fraction: float = 0.25  # of free GPU memory for the paged KV cache (training tasks share the GPU)
-    graph_kv_padding: int | None = None  # KV length granularity of captured graphs; None = the library's (8192)
+    graph_kv_padding: int | None = None  # smallest KV-read bucket of captured graphs (tokens); None = 4096
+    attention: str | None = None  # "varlen" (PyTorch's flash varlen kernel) or "sdpa"; None = varlen on CUDA only
     retry_after_s: int = 1
     max_adapters: int = 8  # LoRA adapters resident on one model's engine (LRU beyond; see lora.py)
 
@@ -50,6 +52,7 @@ class EngineConfig:
             graph_kv_padding=inference.graph_kv_padding,
             memory_fraction=inference.kv_cache_memory,
             max_adapters=getattr(inference, "max_adapters", 8),
+            attention=getattr(inference, "engine_attention", None),
         )
 
 
@@ -161,6 +164,7 @@ class Engine:
         self.manager: Any = None
         self.sampler: EngineSampler | None = None
         self.lora = LoraRouter(model, config.max_adapters)  # adapters sharing this model's base weights
+        self._original_attention: str | None = None
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -169,6 +173,7 @@ class Engine:
 
         cfg = self.config
         on_cuda = self.model.device.type == "cuda"
+        varlen = self._use_varlen_attention(on_cuda)
         cb = ContinuousBatchingConfig(
             max_requests_per_batch=cfg.max_running,
             max_batch_tokens=cfg.max_batch_tokens or (None if on_cuda else 256),
@@ -177,7 +182,7 @@ class Engine:
             return_logprobs=True,
             use_async_batching=False,  # the top-logprob buffers are read after each step
             use_cuda_graph=cfg.cuda_graphs if cfg.cuda_graphs is not None else (True if on_cuda else None),
-            kv_padding_interval_size=cfg.graph_kv_padding or 0,
+            kv_padding_interval_size=0 if varlen else cfg.graph_kv_padding or 0,
             allow_block_sharing=True,
             max_memory_percent=cfg.memory_fraction if on_cuda else None,
         )
@@ -204,9 +209,16 @@ class Engine:
 
         processor.update_batch = update_batch
         self.lora.attach(processor)
+        if varlen and graphs:
+            buckets.install(processor, min_kv=cfg.graph_kv_padding or buckets.MIN_KV, mode=self.logits_args.full_step)
+            self.sampler.graphs_keyed_by_mode = True
         if on_cuda:
             started = time.perf_counter()
             self.manager.warmup()
+            if varlen and graphs:
+                buckets.warm_up(
+                    processor, self.model, min_kv=cfg.graph_kv_padding or buckets.MIN_KV, set_mode=self._warm_mode
+                )
             log.info("engine warm-up (CUDA graphs) took %.1f s", time.perf_counter() - started)
         # The manager's own start() makes a non-daemon thread, which would keep a finished worker process alive.
         self.manager.background_thread_status.clear()
@@ -214,6 +226,30 @@ class Engine:
             target=self.manager._run_generation_loop, name="engine", daemon=True
         )
         self.manager._generation_thread.start()
+
+    def _warm_mode(self, full: bool) -> None:
+        """Make the warm-up's steps capture the full (True) or greedy-only (False) sampler graphs."""
+        self.logits_args.force_full = full
+        self.logits_args.needs = dict.fromkeys(("sampling", "nucleus", "top"), full)
+
+    def _use_varlen_attention(self, on_cuda: bool) -> bool:
+        """Switch the model to the varlen paged attention where configured (default: on CUDA); False = keep SDPA."""
+        full_only = attention.full_attention_only(self.model.config)
+        auto = "varlen" if on_cuda and attention.available("cuda") and full_only else "sdpa"
+        choice = self.config.attention or auto
+        if choice not in ("varlen", "sdpa"):
+            raise ValueError(f"unknown engine attention {choice!r}: use 'varlen' or 'sdpa'")
+        if choice == "varlen" and not full_only:
+            log.warning("varlen engine attention covers full-attention models only; this one has windows: SDPA")
+            choice = "sdpa"
+        if choice == "sdpa":
+            return False
+        attention.register()
+        current = self.model.config._attn_implementation
+        if current != attention.NAME:
+            self._original_attention = current
+            self.model.config._attn_implementation = attention.NAME
+        return True
 
     def _ensure_running(self) -> None:
         """Restart the manager if a failed step stopped it (its requests were failed with the error)."""
@@ -233,6 +269,9 @@ class Engine:
             except Exception:  # pragma: no cover - shutting down anyway
                 log.exception("engine stop failed")
             self.manager = None
+        if self._original_attention is not None:  # the model may be trained or used on its own again
+            self.model.config._attn_implementation = self._original_attention
+            self._original_attention = None
 
     def drain_and_close(self, timeout: float = 600.0) -> None:
         """Wait (up to `timeout` s) for the admitted requests to finish, then stop."""

@@ -36,6 +36,7 @@ class EngineLogitsArgs(ContinuousBatchingLogitsProcessorList):
         super().__init__(LogitsProcessorList(), per_request_processors=False)
         self.tensors_required = ARG_ROWS
         self.needs = {"sampling": True, "nucleus": True, "top": True}
+        self.force_full = False  # warm-up: capture the full sampler whatever the step's rows ask
         self.supported_keys = {"temperature": float, "top_p": float, "seed": int, "top_logprobs": int, "top_k": int}
         self.ignored_keys = set()
         self.do_processing = True
@@ -65,6 +66,10 @@ class EngineLogitsArgs(ContinuousBatchingLogitsProcessorList):
         cols.append([max(0, int(k.get("top_k", 0))) for k in kw])
         arg_storage[2:5, :n] = torch.tensor(cols, dtype=torch.int32).to(arg_storage.device)
         return arg_storage
+
+    def full_step(self) -> bool:
+        """Whether this step needs more than greedy argmax and raw logprobs (sampling, top_p/top_k, top logprobs)."""
+        return self.force_full or any(self.needs.values())
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, logits_processor_args: torch.Tensor) -> Any:
         """Keep the step's arguments for the sampler; return the raw scores."""
@@ -127,13 +132,18 @@ class EngineSampler:
         """Allocate static buffers for the top logprobs of up to `max_rows` rows; `graphs`: steps are replayed."""
         self.logits_args = logits_args
         self.graphs = graphs
+        self.graphs_keyed_by_mode = False  # True: greedy and full steps replay graphs of their own (see buckets.py)
         self.top_ids = torch.zeros((max_rows, TOP_LOGPROBS_MAX), dtype=torch.int64, device=device)
         self.top_values = torch.zeros((max_rows, TOP_LOGPROBS_MAX), dtype=torch.float32, device=device)
 
     def __call__(self, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
         """Sample from `scores` [1, rows, vocab] into output_ids[0] (tokens) and output_ids[1] (logprob bits)."""
         logits = scores[0]
-        needs = {"sampling": True, "nucleus": True, "top": True} if self.graphs else self.logits_args.needs
+        if not self.graphs:
+            needs = self.logits_args.needs
+        else:  # a replayed graph cannot branch: either everything, or (in its own graph) greedy alone
+            full = self.logits_args.full_step() or not self.graphs_keyed_by_mode
+            needs = dict.fromkeys(("sampling", "nucleus", "top"), full)
         tokens, chosen, logprobs = sample_rows(
             logits, self.logits_args.current_args, needs["sampling"], needs["nucleus"]
         )
