@@ -146,7 +146,7 @@ def choose_budget(
     tokens = rows * max_length
     peak = peak_bytes(shape, tokens, lora_rank, checkpointing, fused_loss)
     why = {
-        "memory": f"as many as fit {free / GIB:.1f} GiB of free GPU memory",
+        "memory": f"as many as fit {free / GIB:.1f} GiB of free device memory",
         "cap": f"the cap train.max_tokens_per_step={cap} (no speed gain past it)",
         "dataset": f"1/{MIN_STEPS_PER_EPOCH} of the dataset's {dataset_tokens} tokens (at least "
         f"{MIN_STEPS_PER_EPOCH} steps per epoch)",
