@@ -159,6 +159,25 @@ def test_resolve_steps_chooses_who_decides(settings):
     assert checkpointed.gradient_checkpointing
 
 
+def test_a_resumed_task_keeps_the_budget_it_first_chose(settings, tmp_path):
+    from service.train import budget as token_budget
+
+    model = _tiny_model()
+    kw = {"device": "cpu", "packing": True, "model": model, "lora": False, "dataset_tokens": PLENTY}
+    kw |= {"max_length": 256, "fused_loss": False}
+    first_cfg, first = resolve_steps(_with(settings, budget_memory_gib=2.5), TrainConfig(max_steps=40), **kw)
+    token_budget.save(tmp_path, "task-1", first)
+    assert token_budget.load_previous(tmp_path, "task-2") is None  # another task's folder (overwrite): fresh choice
+    previous = token_budget.load_previous(tmp_path, "task-1")
+    less_memory = _with(settings, budget_memory_gib=2.3)
+    assert resolve_steps(less_memory, TrainConfig(max_steps=40), **kw)[0] != first_cfg  # would choose otherwise
+    again_cfg, again = resolve_steps(less_memory, TrainConfig(max_steps=40), **kw, previous=previous)
+    assert again_cfg == first_cfg and again["rows"] == first["rows"] and again["rescaled"] == first["rescaled"]
+    assert again["reason"].endswith("(chosen when the task first started)")
+    (tmp_path / token_budget.BUDGET_FILE).write_text("{not json")
+    assert token_budget.load_previous(tmp_path, "task-1") is None
+
+
 def test_bad_budget_requests_are_refused(client):
     client.post("/api/data/upload", files={"file": ("train_sample.json", SAMPLE.read_bytes())})
     base = {"strategy": "trl", "dataset_path": "uploads/train_sample.json"}

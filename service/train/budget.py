@@ -16,8 +16,11 @@ and 34.9 GiB at 8k, 16k and 32k tokens per step (measured 10.85, 18.89, 34.96) a
 checkpointing at 8k / 32k (measured 3.49 / 5.36).
 """
 
+import json
 import math
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from entity.train import LoraConfigIn, TrainConfig
@@ -207,8 +210,9 @@ def apply_budget(cfg: TrainConfig, budget: Budget, max_length: int) -> tuple[Tra
 def free_memory(settings: Settings, device: str, model: Any) -> int | None:
     """The device memory the budget may plan for (None: no figure, so no auto budget).
 
-    On CUDA the GPU's free memory plus the weights already loaded on it, at most train.budget_memory_gib; elsewhere
-    that setting alone.
+    On CUDA the GPU's free memory plus the weights already loaded on it (under torchrun its total memory, the same
+    on every rank, so that all ranks take the same steps), at most train.budget_memory_gib; elsewhere that setting
+    alone.
     """
     configured = settings.train.budget_memory_gib
     limit = None if configured is None else int(configured * GIB)
@@ -216,8 +220,10 @@ def free_memory(settings: Settings, device: str, model: Any) -> int | None:
         return limit
     import torch
 
-    free, _ = torch.cuda.mem_get_info()
+    free, total = torch.cuda.mem_get_info()
     free += sum(p.numel() * p.element_size() for p in model.parameters() if p.is_cuda)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank must choose the same steps: the card's size
+        free = total
     return free if limit is None else min(free, limit)
 
 
@@ -232,11 +238,14 @@ def resolve_steps(
     dataset_tokens: int,
     max_length: int,
     fused_loss: bool,
+    previous: dict[str, Any] | None = None,
 ) -> tuple[TrainConfig, dict[str, Any]]:
     """The request's config with its step shape settled (rows, accumulation, checkpointing), and a record of it.
 
     An explicit per_device_train_batch_size wins; else a numeric tokens_per_step (request, then train.tokens_per_step)
     sets the rows; else auto sizes them on CUDA with packing (or with train.budget_memory_gib set); else 2 rows.
+    `previous`: the auto budget this task chose when it first started (a resumed task keeps its step shape, so that
+    its checkpoint's data position and step counts still hold).
     """
     mode = cfg.tokens_per_step if cfg.tokens_per_step is not None else settings.train.tokens_per_step
     fixed: dict[str, Any] = {"gradient_checkpointing": bool(cfg.gradient_checkpointing)}
@@ -245,14 +254,17 @@ def resolve_steps(
     elif isinstance(mode, int):
         how, rows = f"tokens_per_step {mode}", max(1, mode // max_length)
     else:
+        if previous is not None and previous.get("mode") == "auto" and packing:
+            kept = Budget(**{f.name: previous[f.name] for f in fields(Budget)})
+            cfg, record = apply_budget(cfg, kept, max_length)
+            return cfg, record | {"reason": kept.reason + " (chosen when the task first started)"}
         free = free_memory(settings, device, model) if mode == "auto" and packing else None
         if free is not None:
             rank = (cfg.lora_config or LoraConfigIn()).r if lora else None
             shape = ModelShape.of(model)
             cap = settings.train.max_tokens_per_step
-            budget = choose_budget(
-                shape, free, max_length, dataset_tokens, cap, rank, cfg.gradient_checkpointing, fused_loss
-            )
+            per_rank = dataset_tokens // max(1, int(os.environ.get("WORLD_SIZE", "1")))  # each rank's share
+            budget = choose_budget(shape, free, max_length, per_rank, cap, rank, cfg.gradient_checkpointing, fused_loss)
             return apply_budget(cfg, budget, max_length)
         why = "packing off" if mode == "auto" and not packing else f"no {device} memory figure"
         how, rows = ("tokens_per_step off" if mode == "off" else f"auto budget not applied ({why})"), DEFAULT_BATCH
@@ -265,3 +277,21 @@ def resolve_steps(
         "reason": f"{rows} rows x {max_length} tokens ({how})",
     }
     return cfg.model_copy(update=fixed), record
+
+
+BUDGET_FILE = "token_budget.json"
+
+
+def load_previous(output_dir: Path, task_id: str) -> dict[str, Any] | None:
+    """The budget this task recorded in its output folder when it first started (None: none, or another task's)."""
+    path = output_dir / BUDGET_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved.get("budget") if isinstance(saved, dict) and saved.get("task_id") == task_id else None
+
+
+def save(output_dir: Path, task_id: str, budget: dict[str, Any]) -> None:
+    """Keep the chosen budget beside the checkpoints, for a resume of the same task."""
+    (output_dir / BUDGET_FILE).write_text(json.dumps({"task_id": task_id, "budget": budget}), encoding="utf-8")

@@ -11,6 +11,7 @@ from entity.train import StageConfig, TrainConfig, TrainRequest
 from service import models
 from service.tasks import TaskStore
 from service.train import attention, pause, tracking
+from service.train import budget as token_budget
 from service.train.budget import DEFAULT_BATCH, resolve_steps
 from service.train.callbacks import LoadOptimizerState, PauseCallback, StoreProgressCallback, finite
 from service.train.checkpoints import latest_checkpoint
@@ -260,7 +261,10 @@ def build_trainer(
         dataset_tokens=sum(stats.lengths_after),
         max_length=max_length,
         fused_loss=strategy.supports_packing and liger_for(cfg),
+        previous=token_budget.load_previous(output_dir, task_id),
     )
+    if int(os.environ.get("RANK", "0")) == 0:
+        token_budget.save(output_dir, task_id, budget)
     _record_budget(store, task_id, stage, budget, stats, packing and device == "cuda")
     dist = distributed_args(resolved.get("distributed") or "ddp", device)
     report_to = resolved.get("report_to")
