@@ -74,12 +74,14 @@ def test_a_small_gpu_switches_checkpointing_on_and_resizes_for_it():
     assert plain < 16384  # without checkpointing the steps would wait on the host
     assert budget.gradient_checkpointing and budget.limit == "memory"
     assert budget.rows == ckpt // 1024 == 26
-    assert f"only {plain} tokens" in budget.reason
+    assert f"without it only {plain} tokens fit" in budget.reason
     # The user's explicit choice stays: no checkpointing, the small budget that fits.
     off = choose_budget(QWEN, free, 1024, PLENTY, cap=32768, checkpointing=False)
     assert not off.gradient_checkpointing and off.rows == plain // 1024 == 2
-    # Plenty of memory: checkpointing stays off.
+    # Plenty of memory: checkpointing stays off, unless asked for.
     assert not choose_budget(QWEN, H100_FREE, 1024, PLENTY, cap=32768).gradient_checkpointing
+    asked = choose_budget(QWEN, H100_FREE, 1024, PLENTY, cap=32768, checkpointing=True)
+    assert asked.gradient_checkpointing and asked.reason.endswith("(as asked)") and asked.predicted_peak_gib < 6
 
 
 def test_a_gpu_too_small_for_one_row_still_gets_one_and_says_so():
@@ -140,7 +142,7 @@ def test_resolve_steps_chooses_who_decides(settings):
         1,
         False,
     )
-    assert record["mode"] == "fixed" and "no cpu memory figure" in record["reason"]
+    assert record["mode"] == "fixed" and "no CUDA GPU and no train.budget_memory_gib" in record["reason"]
     # A memory figure applies the auto rule; it sizes the steps from the model's own shape.
     shape = ModelShape.of(model)
     assert (shape.layers, shape.hidden, shape.vocab, shape.weight_bytes) == (2, 32, 1000, 4)

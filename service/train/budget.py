@@ -137,6 +137,7 @@ def choose_budget(
     by_data = max(max_length, dataset_tokens // MIN_STEPS_PER_EPOCH)
     target, limit = (cap, "cap") if cap <= by_data else (by_data, "dataset")
     plain = fitting_tokens(shape, free, lora_rank, False, fused_loss)
+    asked = checkpointing is not None
     if checkpointing is None:
         checkpointing = False
         if plain < min(target, BUSY_TOKENS):
@@ -150,13 +151,13 @@ def choose_budget(
     peak = peak_bytes(shape, tokens, lora_rank, checkpointing, fused_loss)
     why = {
         "memory": f"as many as fit {free / GIB:.1f} GiB of free device memory",
-        "cap": f"the cap train.max_tokens_per_step={cap} (no speed gain past it)",
+        "cap": f"the cap train.max_tokens_per_step={cap} (little speed gain past it)",
         "dataset": f"1/{MIN_STEPS_PER_EPOCH} of the dataset's {dataset_tokens} tokens (at least "
         f"{MIN_STEPS_PER_EPOCH} steps per epoch)",
     }[limit]
     reason = f"{rows} rows x {max_length} tokens: {why}; predicted peak {peak / GIB:.1f} GiB"
     if checkpointing:
-        reason += ", gradient checkpointing on (without it only " + f"{plain} tokens would fit)"
+        reason += ", gradient checkpointing on " + ("(as asked)" if asked else f"(without it only {plain} tokens fit)")
     if rows * max_length > fits:
         reason += "; even one row may not fit"
     return Budget(tokens, rows, checkpointing, round(free / GIB, 2), round(peak / GIB, 2), limit, reason)
@@ -266,8 +267,8 @@ def resolve_steps(
             per_rank = dataset_tokens // max(1, int(os.environ.get("WORLD_SIZE", "1")))  # each rank's share
             budget = choose_budget(shape, free, max_length, per_rank, cap, rank, cfg.gradient_checkpointing, fused_loss)
             return apply_budget(cfg, budget, max_length)
-        why = "packing off" if mode == "auto" and not packing else f"no {device} memory figure"
-        how, rows = ("tokens_per_step off" if mode == "off" else f"auto budget not applied ({why})"), DEFAULT_BATCH
+        why = "packing is off" if not packing else "no CUDA GPU and no train.budget_memory_gib"
+        how, rows = ("tokens_per_step off" if mode == "off" else f"no auto budget: {why}"), DEFAULT_BATCH
     fixed["per_device_train_batch_size"] = rows
     record = {
         "mode": "fixed",
