@@ -17,6 +17,12 @@ Variants (same model shape, data, optimizer settings and step count):
   c-lora-peft c-lora as PEFT has it by default: each adapted layer's input cast to fp32, dropout 0.05
   c-all      c with the loss on every token, as TRL computes it in a and b (the service's default is the
              assistant's tokens only): its loss curve is comparable step by step with b's
+  c-default  the service's defaults: a request with no batch size, max_length, packing or checkpointing set,
+             so the auto token budget (service/train/budget.py) picks the step from the GPU's free memory. Rows are
+             train.max_length (1024) tokens: with --max-length 1024, c@N at the chosen N has the same batches and
+             loss curve. The bench times --steps optimizer steps: it sets max_steps after the build (the auto rule
+             would shrink the request's max_steps by the budget / 2048 factor to keep the tokens)
+  c-default-lora c-default with the lora strategy (its defaults: r=16, all-linear)
 The *-noliger variants measure what they say only in a process where no earlier variant applied Liger (Liger
 patches the model classes for the rest of the process): run them in their own invocation.
 A variant written NAME@TOKENS runs with TOKENS tokens per step instead of --budget (packed variants).
@@ -28,8 +34,12 @@ loss after the last step, the ratios c/a and c/b, and the packed-vs-alone loss g
 tokens come from the trainer's non-padding count: for padding-free rows it leaves out tokens equal to the pad
 id (SmolLM2's pad is its end-of-turn token), which undercounts the packed variants by a few percent.
 
-Usage: python bench/train_throughput.py --tokenizer DIR [--random-0.5b] [--steps 20] [--variants a,b,c,c@32768]
-       [--budget 8192] [--batch 8] [--records 600] [--profile] [--json-out FILE]
+--tiny builds a 2-layer model of hidden size 64 instead (a CPU smoke run); --budget-memory-gib G makes the auto
+budget plan for G GiB (on CPU it then applies too, with packing on: the CPU smoke run of c-default).
+
+Usage: python bench/train_throughput.py --tokenizer DIR [--random-0.5b | --tiny] [--steps 20]
+       [--variants a,b,c,c@32768,c-default] [--budget 8192] [--batch 8] [--records 600] [--profile]
+       [--budget-memory-gib G] [--json-out FILE]
 """
 
 import argparse
@@ -67,6 +77,8 @@ SERVICE_VARIANTS: dict[str, dict[str, Any]] = {
     "c-lora-d05": {"lora": True, "lora_config": {"lora_dropout": 0.05}},
     "c-lora-peft": {"lora": True, "peft_default": True, "lora_config": {"lora_dropout": 0.05}},
     "c-all": {"assistant_only_loss": False},
+    "c-default": {"defaults": True},
+    "c-default-lora": {"defaults": True, "lora": True},
 }
 TRL_VARIANTS = ("a", "b", "b-nockpt")
 KERNEL_KINDS = (  # first match wins, on the lower-cased kernel name
@@ -108,6 +120,22 @@ def summarize(name: str, timer: StepTimer, trainer: Any, warmup: int, n_params: 
         "loss_last": round(losses[-1], 4) if losses else None,
         "losses": [round(x, 4) for x in losses],
     }
+
+
+def build_tiny(tokenizer_dir: Path, out: Path) -> Path:
+    """A 2-layer Qwen2 of hidden size 64 with random weights and the tokenizer's vocabulary (a CPU smoke run)."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
 
 
 def fresh_memory() -> None:
@@ -172,29 +200,26 @@ def run_service(
     lora = extra.pop("lora", False)
     peft_default = extra.pop("peft_default", False)
     lora_config = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"} | extra.pop("lora_config", {})
-    settings = load_settings(
-        None, {"paths": {"data_dir": work / "data", "model_dir": work / "models", "db_path": work / "t.db"}}
-    )
+    defaults = extra.pop("defaults", False)
+    overrides: dict[str, Any] = {
+        "paths": {"data_dir": work / "data", "model_dir": work / "models", "db_path": work / "t.db"}
+    }
+    if args.budget_memory_gib is not None:  # plan for this much memory (and on CPU, pack so that the rule applies)
+        packing = "auto" if torch.cuda.is_available() else "on"
+        overrides["train"] = {"budget_memory_gib": args.budget_memory_gib, "packing": packing}
+    settings = load_settings(None, overrides)
+    config: dict[str, Any] = {"max_steps": args.steps, "learning_rate": 1e-4, "seed": 0, "save_steps": 10**9}
+    if not defaults:  # seed 0: a and b's data order
+        config |= {"per_device_train_batch_size": max(1, budget // args.max_length), "max_length": args.max_length}
+        config |= {"packing": True, "lora_config": lora_config}
     req = TrainRequest.model_validate(
-        {
-            "strategy": "lora" if lora else "trl",
-            "dataset_path": str(data),
-            "config": {
-                "max_steps": args.steps,
-                "per_device_train_batch_size": max(1, budget // args.max_length),
-                "max_length": args.max_length,
-                "learning_rate": 1e-4,
-                "seed": 0,  # a and b's seed: the same data order
-                "save_steps": 10**9,
-                "packing": True,
-                "lora_config": lora_config,
-                **extra,
-            },
-        }
+        {"strategy": "lora" if lora else "trl", "dataset_path": str(data), "config": config | extra}
     )
     request = task_request(req, data, None, model_dir, work / "out" / f"{name}-{budget}")
     built = build_trainer(settings, None, name, request)
     trainer = built.trainer
+    if defaults:  # time --steps steps of the chosen budget (the auto rule shrank max_steps to keep the tokens)
+        trainer.args.max_steps = args.steps
     if peft_default:  # undo the fused LoRA path, to measure what it saves
         for module in trainer.model.modules():
             if "_peft_forward" in module.__dict__:  # a LoRA layer: PEFT's forward and its input cast back
@@ -216,6 +241,7 @@ def run_service(
     row["packed_examples_checked"] = len(gaps)
     row["attention"] = trainer.model.config._attn_implementation
     row["gradient_checkpointing"] = bool(built.args.gradient_checkpointing)
+    row["token_budget"] = built.budget
     if args.profile:
         row |= profile_parts(trainer, args.profile_steps)
         row |= profile_kernels(trainer, work / f"kernels-{name}-{budget}.txt")
@@ -297,6 +323,8 @@ def main() -> int:
         "--tokenizer", type=Path, required=True, help="a model folder (weights used unless --random-0.5b)"
     )
     parser.add_argument("--random-0.5b", dest="random_05b", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="a random 2-layer model of hidden size 64 (CPU smoke run)")
+    parser.add_argument("--budget-memory-gib", type=float, default=None, help="memory the auto budget plans for")
     parser.add_argument("--variants", default="a,b,c")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
@@ -309,7 +337,11 @@ def main() -> int:
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    model_dir = build_qwen_05b(args.tokenizer, work / "model") if args.random_05b else args.tokenizer.resolve()
+    model_dir = args.tokenizer.resolve()
+    if args.random_05b:
+        model_dir = build_qwen_05b(args.tokenizer, work / "model")
+    elif args.tiny:
+        model_dir = build_tiny(args.tokenizer, work / "model")
     data = work / "data" / "train.jsonl"
     data.parent.mkdir(parents=True)
     data.write_text("\n".join(json.dumps(c) for c in synthetic_chats(args.records, seed=0)) + "\n")
@@ -329,18 +361,22 @@ def main() -> int:
             args.json_out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
     by_name = {r["variant"]: r for r in rows}
     for r in rows:
-        for base in ("a", "b"):
+        for base in ("a", "b", "b-nockpt"):
             if base in by_name and r["variant"].startswith("c"):
                 r[f"vs_{base}"] = round(r["real_tokens_per_s"] / by_name[base]["real_tokens_per_s"], 2)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     print(f"\ntraining throughput on {device}: {args.steps} steps ({args.warmup} warm-up), budget {args.budget}")
     cols = ["variant", "real_tokens_per_s", "mfu_pct", "peak_mem_gib", "tokens_per_step", "loss_last", "vs_a", "vs_b"]
+    cols += ["vs_b-nockpt"]
     cols += ["packed_loss_gap_max", "attention"]
     if args.profile:
         cols += ["ms_step", "ms_data", "ms_forward", "ms_backward", "ms_optimizer", "gpu_busy_pct"]
     print(" | ".join(f"{c:>18}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r.get(c, '')!s:>18}" for c in cols))
+    for r in rows:
+        if r.get("token_budget"):
+            print(f"{r['variant']}: token budget {r['token_budget']['reason']}")
     if args.json_out:
         args.json_out.write_text(
             json.dumps({"device": device, "args": vars(args), "rows": rows}, indent=2, default=str)

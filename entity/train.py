@@ -1,6 +1,6 @@
 """Request and response schemas of the training API."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -35,7 +35,13 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_path: str | None = Field(None, description="Base model name, or a model folder inside the roots.")
-    per_device_train_batch_size: int = Field(2, ge=1, le=4096)
+    per_device_train_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Rows per device step. Left out: 2, or on a CUDA GPU with packing the auto token budget "
+        "(tokens_per_step) picks it; given: it wins over the budget.",
+    )
     gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
     learning_rate: float = Field(2e-4, gt=0, le=1)
     max_steps: int | None = Field(None, ge=1, le=10_000_000)
@@ -52,7 +58,20 @@ class TrainConfig(BaseModel):
     seed: int = Field(42, ge=0, le=MAX_TRAIN_SEED)
     eval_dataset_path: str | None = None
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: save_steps or 50).")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="Recompute activations in the backward pass (less memory, ~25% slower). Left out: off, unless "
+        "the auto token budget needs it to fit a useful step.",
+    )
+    tokens_per_step: Annotated[int, Field(ge=8, le=1_048_576)] | Literal["auto"] | None = Field(
+        None,
+        description="Packed tokens per device step. auto: sized from the model, the strategy and the GPU's free "
+        "memory (CUDA with packing; elsewhere 2 rows); the requested tokens per optimizer step (2 x max_length x "
+        "gradient_accumulation_steps) are kept through gradient accumulation where the budget is smaller, and where "
+        "it is larger the optimizer steps grow, max_steps/save_steps/eval_steps shrink by the same factor (same "
+        "tokens in all) and the learning rate stays. A number: that many tokens per step (rows of max_length). "
+        "Default: train.tokens_per_step of the config (auto). An explicit per_device_train_batch_size wins.",
+    )
     assistant_only_loss: bool = Field(True, description="Compute the loss on assistant tokens only.")
     packing: bool | None = Field(
         None,
@@ -95,6 +114,13 @@ class TrainConfig(BaseModel):
         """Default to one epoch; refuse max_steps and num_train_epochs together."""
         if self.max_steps is not None and self.num_train_epochs is not None:
             raise ValueError("give max_steps or num_train_epochs, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TrainConfig":
+        """Refuse a token count and a batch size together: each sets the rows of a step."""
+        if isinstance(self.tokens_per_step, int) and self.per_device_train_batch_size is not None:
+            raise ValueError("give tokens_per_step or per_device_train_batch_size, not both")
         return self
 
     @model_validator(mode="after")

@@ -65,6 +65,9 @@ class TrainSettings(BaseModel):
     mlflow_tracking_uri: str | None = None
     experiment_name: str = "win-train"
     max_resumes: int = Field(3, ge=0)
+    tokens_per_step: int | Literal["auto", "off"] = "auto"
+    max_tokens_per_step: int = Field(32_768, ge=8)
+    budget_memory_gib: float | None = Field(None, gt=0)
 
 
 class DataSettings(BaseModel):

@@ -68,6 +68,10 @@ def model_card(
         "lr_scheduler_type": cfg.lr_scheduler_type,
         "seed": cfg.seed,
     }
+    budget = metrics.get("token_budget")
+    if budget:  # how the step shape was chosen (service.train.budget)
+        settings["tokens per device step"] = f"{budget['tokens_per_step']} ({budget['mode']}: {budget['reason']})"
+        settings["gradient_checkpointing"] = budget["gradient_checkpointing"]
     if is_adapter and cfg.lora_config is not None:
         lora = cfg.lora_config
         settings |= {"lora r": lora.r, "lora_alpha": lora.lora_alpha, "target_modules": lora.target_modules}

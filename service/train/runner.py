@@ -11,6 +11,8 @@ from entity.train import StageConfig, TrainConfig, TrainRequest
 from service import models
 from service.tasks import TaskStore
 from service.train import attention, pause, tracking
+from service.train import budget as token_budget
+from service.train.budget import DEFAULT_BATCH, resolve_steps
 from service.train.callbacks import LoadOptimizerState, PauseCallback, StoreProgressCallback, finite
 from service.train.checkpoints import latest_checkpoint
 from service.train.dataset import DataStats
@@ -55,6 +57,11 @@ def distributed_args(distributed: str, device: str) -> dict[str, Any]:
     return {"ddp_backend": "nccl" if device == "cuda" else "gloo", "ddp_find_unused_parameters": False}
 
 
+def liger_for(cfg: TrainConfig) -> bool:
+    """Whether the trainer runs Liger's kernels: the request's choice, else on where they can run."""
+    return models.liger_available() if cfg.use_liger_kernel is None else cfg.use_liger_kernel
+
+
 def common_args(
     settings: Settings,
     cfg: TrainConfig,
@@ -74,8 +81,8 @@ def common_args(
         eval_args = {"eval_strategy": "steps", "eval_steps": cfg.eval_steps or min(save_steps, 50)}
     return dict(
         output_dir=str(output_dir),
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        per_device_train_batch_size=cfg.per_device_train_batch_size or DEFAULT_BATCH,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size or DEFAULT_BATCH,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
@@ -89,8 +96,8 @@ def common_args(
         seed=cfg.seed,
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        use_liger_kernel=models.liger_available() if cfg.use_liger_kernel is None else cfg.use_liger_kernel,
+        gradient_checkpointing=bool(cfg.gradient_checkpointing),
+        use_liger_kernel=liger_for(cfg),
         torch_compile=cfg.torch_compile,
         include_num_input_tokens_seen="non_padding",
         report_to=report_to or "none",
@@ -182,6 +189,8 @@ class BuiltTrainer:
     model_path: Path
     eval_ds: Any
     data_stats: DataStats | None = None
+    cfg: TrainConfig | None = None  # the stage's config with its step shape settled (resolve_steps)
+    budget: dict[str, Any] | None = None  # how the step shape was chosen
 
 
 def build_trainer(
@@ -221,14 +230,6 @@ def build_trainer(
         f"packing {'on' if packing else 'off'}) with strategy '{req.strategy}'",
     )
     max_length = cfg.max_length or settings.train.max_length
-    step_tokens = cfg.per_device_train_batch_size * max_length
-    if packing and device == "cuda" and step_tokens < BUSY_GPU_TOKENS:
-        _event(
-            store,
-            task_id,
-            f"packed steps hold up to {step_tokens} tokens; a GPU stays busy from about {BUSY_GPU_TOKENS} "
-            "(per_device_train_batch_size x max_length): smaller steps wait on Python",
-        )
 
     tokenizer = models.load_tokenizer(models.tokenizer_dir(model_path))
     train_ds, stats = strategy.build_dataset(stage.datasets, tokenizer, cfg, max_length)
@@ -250,6 +251,21 @@ def build_trainer(
     model = strategy.load_model(model_path, dtype, device, attn)
     # An adapter given as the model is already a trainable PeftModel: no second adapter on top.
     peft_config = None if hasattr(model, "peft_config") else strategy.peft_config(cfg)
+    cfg, budget = resolve_steps(
+        settings,
+        cfg,
+        device=device,
+        packing=packing,
+        model=model,
+        lora=hasattr(model, "peft_config") or peft_config is not None,
+        dataset_tokens=sum(stats.lengths_after),
+        max_length=max_length,
+        fused_loss=strategy.supports_packing and liger_for(cfg),
+        previous=token_budget.load_previous(output_dir, task_id),
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        token_budget.save(output_dir, task_id, budget)
+    _record_budget(store, task_id, stage, budget, stats, packing and device == "cuda")
     dist = distributed_args(resolved.get("distributed") or "ddp", device)
     report_to = resolved.get("report_to")
     if report_to is None:  # a task queued before report_to existed
@@ -268,7 +284,26 @@ def build_trainer(
         callbacks=[PauseCallback(), *(callbacks or [])],
     )
     fuse_lora_layers(trainer.model)
-    return BuiltTrainer(trainer, req, tokenizer, args, device, dtype, output_dir, model_path, eval_ds, stats)
+    built = BuiltTrainer(trainer, req, tokenizer, args, device, dtype, output_dir, model_path, eval_ds, stats)
+    built.cfg, built.budget = cfg, budget
+    return built
+
+
+def _record_budget(
+    store: TaskStore | None, task_id: str, stage: Stage, budget: dict[str, Any], stats: DataStats, gpu_packed: bool
+) -> None:
+    """The step shape and why, as an event and (first stage) in the task's metrics; a hint for small GPU steps."""
+    where = f"stage '{stage.name}': " if stage.index else ""
+    _event(store, task_id, f"{where}token budget: {budget['reason']}", budget, "budget")
+    if gpu_packed and budget["mode"] == "fixed" and budget["tokens_per_step"] < BUSY_GPU_TOKENS:
+        _event(
+            store,
+            task_id,
+            f"packed steps hold up to {budget['tokens_per_step']} tokens; a GPU stays busy from about "
+            f"{BUSY_GPU_TOKENS}: smaller steps wait on Python (leave the batch size out for the auto budget)",
+        )
+    if store is not None and stage.index == 0 and int(os.environ.get("RANK", "0")) == 0:
+        store.update_progress(task_id, metrics={"data_stats": stats.as_dict(), "token_budget": budget})
 
 
 def claim_output_dir(output_dir: Path, task_id: str) -> None:
@@ -369,6 +404,7 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
                 "dtype": final.dtype,
                 "world_size": final.args.world_size,
                 "data_stats": data_stats,
+                "token_budget": final.budget,
                 "stages": stage_reports if len(stages) > 1 else None,
                 "resume_count": resolved.get("resume_count") or 0,
                 "sft_config": final.args.to_dict(),
@@ -381,13 +417,15 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
     metrics = dict(report["metrics"])
     metrics["global_step"] = offset
     metrics["data_stats"] = data_stats
+    metrics["token_budget"] = final.budget
     metrics["resume_count"] = resolved.get("resume_count") or 0
     if len(stages) > 1:
         metrics["stages"] = stage_reports
     is_adapter = hasattr(final.trainer.model, "peft_config")
     eval_records = len(final.eval_ds) if final.eval_ds is not None else None
     train_records = int(data_stats["processed"]) if data_stats else 0
-    card = model_card(req, Path(resolved["model_path"]), is_adapter, train_records, eval_records, metrics, task_id)
+    card_req = req.model_copy(update={"config": final.cfg or req.config})  # the batch and accumulation that ran
+    card = model_card(card_req, Path(resolved["model_path"]), is_adapter, train_records, eval_records, metrics, task_id)
     (output_dir / "README.md").write_text(card, encoding="utf-8")  # replaces TRL's card, which links a hub "None"
     store.add_event(task_id, "log", f"saved {'adapter' if is_adapter else 'model'} to {output_dir}")
     log.info("task %s done in pid %s", task_id, os.getpid())
@@ -436,6 +474,7 @@ def _train_stage(
         "global_step": trainer.state.global_step,
         "resumed_from": checkpoint,
         "data_stats": built.data_stats.as_dict() if built.data_stats else None,
+        "token_budget": built.budget,
         "metrics": metrics,
     }
     if trainer.is_world_process_zero() and len(stages) > 1:
