@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.engine.lora import LoraRouter
 from service.engine import attention, buckets
+from service.engine.lora import LoraRouter
 from service.engine.sampling import TOP_LOGPROBS_MAX, EngineLogitsArgs, EngineSampler
 from service.engine.text import TextAssembler
 from util.errors import OverloadedError
