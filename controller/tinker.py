@@ -269,9 +269,10 @@ def jsonable(value: Any) -> Any:
 
 
 @router.post("/cancel_future")
-async def cancel_future(request: Request) -> dict[str, Any]:
-    """Cancelling is accepted; a queued job still runs (the run's queue is strictly ordered)."""
-    await _body(request, tt.FutureRetrieveRequest)
+async def cancel_future(request: Request, tinker: TinkerDep) -> dict[str, Any]:
+    """Cancel a queued request (its future then fails as cancelled); a running or finished one answers 409."""
+    req = await _body(request, tt.FutureRetrieveRequest)
+    await asyncio.to_thread(tinker.cancel, req.request_id)
     return {}
 
 

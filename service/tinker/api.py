@@ -407,6 +407,21 @@ class TinkerService:
             return "json", out
         raise NotFoundError(f"Future '{request_id}' does not exist.", details={"request_id": request_id})
 
+    def cancel(self, request_id: str) -> None:
+        """Cancel a queued request: its job leaves the run's queue and its future answers failed ("cancelled").
+
+        A running job is not interrupted (the worker cannot stop a GPU step midway): that is a 409, as is a
+        finished one; model creation cannot be cancelled (delete the run instead).
+        """
+        kind, _, rest = request_id.partition(".")
+        if kind in ("create_model", "load_create"):
+            raise ConflictError("Model creation cannot be cancelled; delete the training run instead.")
+        job_id = rest.partition(".")[0]
+        try:
+            self.runs.store.cancel_job(job_id, f"cancelled: request '{request_id}' was cancelled before it ran")
+        except NotFoundError:
+            raise NotFoundError(f"Future '{request_id}' does not exist.", details={"request_id": request_id}) from None
+
     async def _retrieve_creation(self, kind: str, rest: str, request_id: str, wait: float) -> dict[str, Any]:
         """A create_model / create-via-load future: resolved once the run's worker is ready."""
         import asyncio
