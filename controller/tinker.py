@@ -92,6 +92,7 @@ def client_config() -> dict[str, Any]:
         use_pyqwest_transport=False,
         parallel_fwdbwd_chunks=False,
         proto_compress_fwdbwd=False,
+        sample_use_retrieve_futures=True,  # one long poll per sampling session, not one per sample
     ).model_dump()
 
 
@@ -266,6 +267,13 @@ def jsonable(value: Any) -> Any:
     from fastapi.encoders import jsonable_encoder
 
     return jsonable_encoder(value)
+
+
+@router.post("/retrieve_futures")
+async def retrieve_futures(request: Request, tinker: TinkerDep) -> dict[str, Any]:
+    """A sampling session's completed requests since the cursor (long-polls while there are none)."""
+    req = await _body(request, tt.FuturesRetrieveRequest)
+    return await tinker.retrieve_many(req)
 
 
 @router.post("/cancel_future")

@@ -215,6 +215,17 @@ class RunStore:
                 s.execute(update(RunRow).where(RunRow.id == row.run_id, pending > 0).values(pending_grads=pending - 1))
         return self.get_job(job_id)
 
+    def tagged_jobs(self, kind: str, tag: str, after_seq: int, limit: int = 1000) -> list[RunJobRow]:
+        """Jobs of `kind` whose request carries this "tag", queued after `after_seq`, oldest first (any run)."""
+        query = (
+            select(RunJobRow)
+            .where(RunJobRow.kind == kind, RunJobRow.seq > after_seq, RunJobRow.request["tag"].as_string() == tag)
+            .order_by(RunJobRow.seq)
+            .limit(limit)
+        )
+        with self.session() as s:
+            return list(s.scalars(query))
+
     def finish_job(self, job_id: str, result: dict[str, Any] | None = None, error: str | None = None) -> None:
         """Record a job's result (completed) or error (failed)."""
         status = JobStatus.failed if error is not None else JobStatus.completed

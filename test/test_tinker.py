@@ -504,7 +504,7 @@ def test_queued_samples_share_engine_calls_keep_order_and_queued_jobs_cancel(set
         assert client.delete(f"/v1/runs/{run_id}").status_code == 200
 
 
-def test_concurrent_sdk_samples_on_two_snapshots_each_use_their_weights(service, trained):
+def test_concurrent_sdk_samples_on_two_snapshots_each_use_their_weights(server, service, trained):
     """Eight SDK samples in flight at once, half on the trained snapshot and half on the bare base: each is answered
     from its own weights (the worker batches them, one engine call per snapshot)."""
     tc, _ = trained
@@ -517,3 +517,14 @@ def test_concurrent_sdk_samples_on_two_snapshots_each_use_their_weights(service,
     assert all(tokens == TARGET[:3] for on_trained, tokens in answers if on_trained)
     base_answers = [tokens for on_trained, tokens in answers if not on_trained]
     assert len({tuple(t) for t in base_answers}) == 1 and base_answers[0] != TARGET[:3]
+    # retrieve_futures (the SDK's session poller, switched on by client/config): the session's four completions,
+    # then nothing new past the returned cursor; an unknown session is 404.
+    url, headers = f"{server}/api/v1/retrieve_futures", {"X-API-Key": SDK_KEY}
+    target = {"sampling_session_id": trained_sampler._sampling_session_id}
+    target["cloned_sampler_id"] = trained_sampler._cloned_sampler_id
+    first = httpx.post(url, json={"target": target, "prev_cursor": 0, "timeout": 0}, headers=headers).json()
+    assert len(first["completions"]) == 4 and {c["state"] for c in first["completions"]} == {"finished"}
+    again = httpx.post(url, json={"target": target, "prev_cursor": first["cursor"], "timeout": 0}, headers=headers)
+    assert again.json() == {"completions": [], "cursor": first["cursor"]}
+    bad = {"target": {"sampling_session_id": "nope"}, "prev_cursor": 0, "timeout": 0}
+    assert httpx.post(url, json=bad, headers=headers).status_code == 404
