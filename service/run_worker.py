@@ -40,6 +40,7 @@ IDLE_POLL = 0.25
 SAMPLE_KINDS = frozenset({"sample", "sample_tokens"})  # jobs that only read the weights: batched together
 MAX_SAMPLE_BATCH = 256  # sampling jobs claimed at once (each up to 64 rows; the engine runs 64 rows at a time)
 ENGINE_MAX_RUNNING = 64
+SAMPLE_LINGER_SECONDS, SAMPLE_LINGER_ROUNDS = 0.03, 5  # wait for the rest of a burst of sampling calls
 
 
 class JobError(Exception):
@@ -425,19 +426,18 @@ class RunState:
     def _engine_for(self, rows: list[list[int]], params: list[SamplingParams]) -> Engine:
         """The run's engine, kept between calls (no start-up per call), rebuilt larger when a batch needs more cache.
 
-        Its KV cache is sized for the longest rows that can run at once (not for a whole 80 GB GPU): the run's
-        training keeps the rest of the memory. CUDA graphs stay off: optim_step and snapshot swaps rewrite the
+        Its KV cache holds ENGINE_MAX_RUNNING rows as long as the longest seen (not a share of a whole 80 GB GPU):
+        the run's training keeps the rest of the memory. CUDA graphs stay off: optim_step and snapshot swaps rewrite the
         adapter weights between calls, and uncaptured steps always read the weights as they are now.
         """
         page = 256 if self.device == "cuda" else 32
-        need_per_row = sorted((-(-(len(r) + p.max_tokens) // page) for r, p in zip(rows, params, strict=True)))
-        running = min(ENGINE_MAX_RUNNING, len(rows))
-        blocks = sum(need_per_row[-running:]) + 2
+        longest = max(-(-(len(r) + p.max_tokens) // page) for r, p in zip(rows, params, strict=True))
+        # Room for a full batch of the longest rows so far: only a longer row than any before rebuilds the engine.
+        blocks = longest * ENGINE_MAX_RUNNING + 2
         engine = self._engine
         if engine is not None and engine.manager is not None and self._engine_blocks >= blocks:
             return engine
         self.close_engine()
-        blocks = max(blocks, 2 * self._engine_blocks)  # grow geometrically: few rebuilds as batches grow
         config = EngineConfig(max_running=ENGINE_MAX_RUNNING, num_blocks=blocks, cuda_graphs=False)
         engine = Engine(self.model, self.tokenizer, models.eos_ids(self.model, self.tokenizer), config)
         attn = self.model.config._attn_implementation
@@ -583,6 +583,8 @@ def serve(settings: Settings, run_id: str) -> int:
                 # Poll fast while a client is busy with the run, more slowly once it has been quiet a while.
                 time.sleep(settings.runs.poll_interval if quiet < IDLE_BACKOFF_AFTER else IDLE_POLL)
                 continue
+            if jobs[0].kind in SAMPLE_KINDS:
+                jobs += linger_for_samples(store, run_id, MAX_SAMPLE_BATCH - len(jobs))
             running = {job.id: job for job in jobs}
             if jobs[0].kind in SAMPLE_KINDS:
                 run_samples(state, store, jobs, running)
@@ -597,6 +599,24 @@ def serve(settings: Settings, run_id: str) -> int:
         if store.get_run(run_id).status == RunStatus.ready:  # server shutdown: keep the state for later
             pause(state, store, "server stopped")
         return 0
+
+
+def linger_for_samples(store: RunStore, run_id: str, room: int) -> list[Any]:
+    """More sampling jobs arriving right behind a claimed batch (a client's burst of concurrent calls).
+
+    A decode step costs about the same for 3 rows as for 64, so waiting a few ms for the rest of a burst beats
+    running it as several engine calls. Stops as soon as a wait brings nothing new, or a non-sampling job is next.
+    """
+    more: list[Any] = []
+    for _ in range(SAMPLE_LINGER_ROUNDS):
+        if room - len(more) <= 0:
+            break
+        time.sleep(SAMPLE_LINGER_SECONDS)
+        got = store.claim_batch(run_id, SAMPLE_KINDS, room - len(more), only_batchable=True)
+        if not got:
+            break
+        more += got
+    return more
 
 
 def run_job(state: RunState, store: RunStore, job: Any) -> None:

@@ -165,11 +165,14 @@ class RunStore:
             )
         return row
 
-    def claim_batch(self, run_id: str, batchable: frozenset[str], limit: int) -> list[RunJobRow]:
+    def claim_batch(
+        self, run_id: str, batchable: frozenset[str], limit: int, only_batchable: bool = False
+    ) -> list[RunJobRow]:
         """The run's oldest queued job, plus the `batchable` jobs queued right behind it, all moved to running.
 
         Only when the oldest job is itself batchable does the batch grow, and it stops at the first job of another
-        kind, so jobs still execute in queue order. One write transaction: a concurrent cancel cannot slip between.
+        kind, so jobs still execute in queue order. With `only_batchable` (extending a batch already claimed), an
+        oldest job of another kind is left queued. One write transaction: a concurrent cancel cannot slip between.
         """
         with self.session() as s:
             lock_for_write(s)
@@ -181,7 +184,7 @@ class RunStore:
             )
             rows: list[RunJobRow] = []
             for row in s.scalars(query):
-                if rows and (row.kind not in batchable or rows[0].kind not in batchable):
+                if (rows or only_batchable) and (row.kind not in batchable or (rows and rows[0].kind not in batchable)):
                     break
                 rows.append(row)
             if rows:

@@ -348,6 +348,8 @@ def test_bad_input_answers_clearly(server, service, trained, tok):
         tc.forward_backward([bad_shape], "cross_entropy").result()
     with pytest.raises(tinker.UnprocessableEntityError, match="Unknown loss_fn 'hinge'"):
         tc.forward_backward([sft_datum(ids)], "hinge").result()  # type: ignore[arg-type]
+    with pytest.raises(tinker.UnprocessableEntityError, match="has not published the stable_reinforce objective"):
+        tc.forward_backward([rl_datum(ids, 0)], "stable_reinforce").result()
     with pytest.raises(tinker.UnprocessableEntityError, match="vocabulary"):
         tc.forward_backward([sft_datum([10**7, 1, 2])], "cross_entropy").result()
     with pytest.raises(tinker.UnprocessableEntityError, match="advantages"):
