@@ -530,3 +530,44 @@ def test_concurrent_sdk_samples_on_two_snapshots_each_use_their_weights(server, 
     assert again.json() == {"completions": [], "cursor": first["cursor"]}
     bad = {"target": {"sampling_session_id": "nope"}, "prev_cursor": 0, "timeout": 0}
     assert httpx.post(url, json=bad, headers=headers).status_code == 404
+
+
+def test_claiming_a_sampling_batch_is_bounded_ordered_and_cancel_is_atomic(settings):
+    """claim_batch takes at most `limit` sampling jobs and never a job past another kind; of eight concurrent
+    cancels of one queued job exactly one wins, and a claimed (running) job cannot be cancelled."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from entity.runs import RunRow, RunStatus
+    from entity.task import utcnow
+    from service.runs import RunStore
+    from service.tasks import TaskStore
+    from util.errors import ConflictError
+
+    store = RunStore(TaskStore(settings.paths.db_path).engine)
+    now = utcnow()
+    row = RunRow(id="claims", status=RunStatus.ready, base_model=TINY_NAME, base_path="x", lora={"r": 2}, seed=0,
+                 vocab_size=10, created_at=now, last_used_at=now)  # fmt: skip
+    store.add_run(row)
+    kinds = ["sample_tokens"] * 5 + ["loss_step", "sample", "sample_tokens", "optim_step"]
+    jobs = [store.add_job("claims", kind, {"forward_only": False}, grads=kind == "loss_step") for kind in kinds]
+    batchable = frozenset({"sample", "sample_tokens"})
+    claims = [[j.kind for j in store.claim_batch("claims", batchable, 3)] for _ in range(5)]
+    assert claims == [["sample_tokens"] * 3, ["sample_tokens"] * 2, ["loss_step"], ["sample", "sample_tokens"],
+                      ["optim_step"]]  # fmt: skip
+    assert store.claim_batch("claims", batchable, 3) == []
+    target = store.add_job("claims", "loss_step", {"forward_only": False}, grads=True)
+
+    def cancel(_: int) -> str:
+        try:
+            store.cancel_job(target.id, "cancelled: test")
+            return "ok"
+        except ConflictError:
+            return "conflict"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = sorted(pool.map(cancel, range(8)))
+    assert outcomes == ["conflict"] * 7 + ["ok"]
+    assert store.get_job(target.id).error == "cancelled: test"
+    assert store.get_run("claims").pending_grads == 1  # two loss_steps queued, the cancelled one taken back
+    with pytest.raises(ConflictError, match="only a queued job"):
+        store.cancel_job(jobs[0].id, "too late")
