@@ -149,22 +149,6 @@ class RunStore:
             raise NotFoundError(f"Job '{job_id}' does not exist.", details={"job_id": job_id})
         return row
 
-    def claim_next(self, run_id: str) -> RunJobRow | None:
-        """The run's oldest queued job, moved to running; None when the queue is empty."""
-        with self.session() as s:
-            row = s.scalar(
-                select(RunJobRow)
-                .where(RunJobRow.run_id == run_id, RunJobRow.status == JobStatus.queued)
-                .order_by(RunJobRow.seq)
-                .limit(1)
-            )
-            if row is None:
-                return None
-            s.execute(
-                update(RunJobRow).where(RunJobRow.seq == row.seq).values(status=JobStatus.running, started_at=utcnow())
-            )
-        return row
-
     def claim_batch(
         self, run_id: str, batchable: frozenset[str], limit: int, only_batchable: bool = False
     ) -> list[RunJobRow]:
