@@ -583,10 +583,9 @@ def serve(settings: Settings, run_id: str) -> int:
                 # Poll fast while a client is busy with the run, more slowly once it has been quiet a while.
                 time.sleep(settings.runs.poll_interval if quiet < IDLE_BACKOFF_AFTER else IDLE_POLL)
                 continue
-            if jobs[0].kind in SAMPLE_KINDS:
-                jobs += linger_for_samples(store, run_id, MAX_SAMPLE_BATCH - len(jobs))
             running = {job.id: job for job in jobs}
             if jobs[0].kind in SAMPLE_KINDS:
+                linger_for_samples(store, run_id, jobs, running)
                 run_samples(state, store, jobs, running)
             else:
                 run_job(state, store, jobs[0])
@@ -601,22 +600,22 @@ def serve(settings: Settings, run_id: str) -> int:
         return 0
 
 
-def linger_for_samples(store: RunStore, run_id: str, room: int) -> list[Any]:
-    """More sampling jobs arriving right behind a claimed batch (a client's burst of concurrent calls).
+def linger_for_samples(store: RunStore, run_id: str, jobs: list[Any], running: dict[str, Any]) -> None:
+    """Add to a claimed batch the sampling jobs arriving right behind it (a client's burst of concurrent calls).
 
     A decode step costs about the same for 3 rows as for 64, so waiting a few ms for the rest of a burst beats
     running it as several engine calls. Stops as soon as a wait brings nothing new, or a non-sampling job is next.
     """
-    more: list[Any] = []
     for _ in range(SAMPLE_LINGER_ROUNDS):
-        if room - len(more) <= 0:
+        room = MAX_SAMPLE_BATCH - len(jobs)
+        if room <= 0:
             break
         time.sleep(SAMPLE_LINGER_SECONDS)
-        got = store.claim_batch(run_id, SAMPLE_KINDS, room - len(more), only_batchable=True)
+        got = store.claim_batch(run_id, SAMPLE_KINDS, room, only_batchable=True)
         if not got:
             break
-        more += got
-    return more
+        jobs += got
+        running.update((job.id, job) for job in got)  # so a stop now still answers them
 
 
 def run_job(state: RunState, store: RunStore, job: Any) -> None:
