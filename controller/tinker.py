@@ -92,6 +92,7 @@ def client_config() -> dict[str, Any]:
         use_pyqwest_transport=False,
         parallel_fwdbwd_chunks=False,
         proto_compress_fwdbwd=False,
+        sample_use_retrieve_futures=True,  # one long poll per sampling session, not one per sample
     ).model_dump()
 
 
@@ -268,10 +269,18 @@ def jsonable(value: Any) -> Any:
     return jsonable_encoder(value)
 
 
+@router.post("/retrieve_futures")
+async def retrieve_futures(request: Request, tinker: TinkerDep) -> dict[str, Any]:
+    """A sampling session's completed requests since the cursor (long-polls while there are none)."""
+    req = await _body(request, tt.FuturesRetrieveRequest)
+    return await tinker.retrieve_many(req)
+
+
 @router.post("/cancel_future")
-async def cancel_future(request: Request) -> dict[str, Any]:
-    """Cancelling is accepted; a queued job still runs (the run's queue is strictly ordered)."""
-    await _body(request, tt.FutureRetrieveRequest)
+async def cancel_future(request: Request, tinker: TinkerDep) -> dict[str, Any]:
+    """Cancel a queued request (its future then fails as cancelled); a running or finished one answers 409."""
+    req = await _body(request, tt.FutureRetrieveRequest)
+    await asyncio.to_thread(tinker.cancel, req.request_id)
     return {}
 
 

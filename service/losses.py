@@ -116,9 +116,13 @@ REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 UNSUPPORTED: dict[str, str] = {
+    # Tinker documents what stable_reinforce needs (sampling with record_stability_info, provenance spans naming
+    # each sequence_id) but not its objective, which reads the hosted sampler's stability records: with no
+    # published formula there is nothing to implement faithfully.
     "stable_reinforce": (
-        "stable_reinforce needs stability records captured by the sampler (record_stability_info) and "
-        "provenance spans, which this server does not record; use importance_sampling, ppo, cispo or gspo"
+        "Tinker has not published the stable_reinforce objective (it reads stability records that its hosted "
+        "sampler captures with record_stability_info), so this server cannot reproduce it; use "
+        "importance_sampling, ppo, cispo or gspo"
     ),
     "custom": "server-side custom losses are not supported; use forward_backward_custom (it runs client-side)",
 }

@@ -148,21 +148,69 @@ class RunStore:
             raise NotFoundError(f"Job '{job_id}' does not exist.", details={"job_id": job_id})
         return row
 
-    def claim_next(self, run_id: str) -> RunJobRow | None:
-        """The run's oldest queued job, moved to running; None when the queue is empty."""
+    def claim_batch(
+        self, run_id: str, batchable: frozenset[str], limit: int, only_batchable: bool = False
+    ) -> list[RunJobRow]:
+        """The run's oldest queued job, plus the `batchable` jobs queued right behind it, all moved to running.
+
+        Only when the oldest job is itself batchable does the batch grow, and it stops at the first job of another
+        kind, so jobs still execute in queue order. With `only_batchable` (extending a batch already claimed), an
+        oldest job of another kind is left queued. One write transaction: a concurrent cancel cannot slip between.
+        """
         with self.session() as s:
-            row = s.scalar(
+            lock_for_write(s)
+            query = (
                 select(RunJobRow)
                 .where(RunJobRow.run_id == run_id, RunJobRow.status == JobStatus.queued)
                 .order_by(RunJobRow.seq)
-                .limit(1)
+                .limit(limit)
             )
+            rows: list[RunJobRow] = []
+            for row in s.scalars(query):
+                if (rows or only_batchable) and (row.kind not in batchable or (rows and rows[0].kind not in batchable)):
+                    break
+                rows.append(row)
+            if rows:
+                s.execute(
+                    update(RunJobRow)
+                    .where(RunJobRow.seq.in_([r.seq for r in rows]))
+                    .values(status=JobStatus.running, started_at=utcnow())
+                )
+        return rows
+
+    def cancel_job(self, job_id: str, reason: str) -> RunJobRow:
+        """Fail a queued job with `reason` (taking back a forward_backward's pending gradients); 409 once it started."""
+        with self.session() as s:
+            lock_for_write(s)
+            row = s.scalar(select(RunJobRow).where(RunJobRow.id == job_id))
             if row is None:
-                return None
+                raise NotFoundError(f"Job '{job_id}' does not exist.", details={"job_id": job_id})
+            if row.status != JobStatus.queued:
+                raise ConflictError(
+                    f"Job '{job_id}' is {row.status}: only a queued job can be cancelled "
+                    "(a running job is not interrupted; a finished one keeps its result).",
+                    details={"job_id": job_id, "status": str(row.status)},
+                )
             s.execute(
-                update(RunJobRow).where(RunJobRow.seq == row.seq).values(status=JobStatus.running, started_at=utcnow())
+                update(RunJobRow)
+                .where(RunJobRow.seq == row.seq)
+                .values(status=JobStatus.failed, error=reason, finished_at=utcnow())
             )
-        return row
+            if _makes_gradients(row):
+                pending = RunRow.pending_grads
+                s.execute(update(RunRow).where(RunRow.id == row.run_id, pending > 0).values(pending_grads=pending - 1))
+        return self.get_job(job_id)
+
+    def tagged_jobs(self, kind: str, tag: str, after_seq: int, limit: int = 1000) -> list[RunJobRow]:
+        """Jobs of `kind` whose request carries this "tag", queued after `after_seq`, oldest first (any run)."""
+        query = (
+            select(RunJobRow)
+            .where(RunJobRow.kind == kind, RunJobRow.seq > after_seq, RunJobRow.request["tag"].as_string() == tag)
+            .order_by(RunJobRow.seq)
+            .limit(limit)
+        )
+        with self.session() as s:
+            return list(s.scalars(query))
 
     def finish_job(self, job_id: str, result: dict[str, Any] | None = None, error: str | None = None) -> None:
         """Record a job's result (completed) or error (failed)."""
@@ -221,6 +269,14 @@ class RunStore:
 
 
 RUN_STATE_KIND = "run_state"
+CANCELLED = "cancelled"  # the error of a job cancelled while queued
+
+
+def _makes_gradients(job: RunJobRow) -> bool:
+    """Whether a job was counted in its run's pending gradients when queued."""
+    if job.kind == "forward_backward":
+        return True
+    return job.kind == "loss_step" and not (job.request or {}).get("forward_only")
 
 
 def _check_live(session: Session, limit: int) -> None:

@@ -348,6 +348,8 @@ def test_bad_input_answers_clearly(server, service, trained, tok):
         tc.forward_backward([bad_shape], "cross_entropy").result()
     with pytest.raises(tinker.UnprocessableEntityError, match="Unknown loss_fn 'hinge'"):
         tc.forward_backward([sft_datum(ids)], "hinge").result()  # type: ignore[arg-type]
+    with pytest.raises(tinker.UnprocessableEntityError, match="has not published the stable_reinforce objective"):
+        tc.forward_backward([rl_datum(ids, 0)], "stable_reinforce").result()
     with pytest.raises(tinker.UnprocessableEntityError, match="vocabulary"):
         tc.forward_backward([sft_datum([10**7, 1, 2])], "cross_entropy").result()
     with pytest.raises(tinker.UnprocessableEntityError, match="advantages"):
@@ -432,3 +434,140 @@ def test_cookbook_rl_loop_runs_with_a_numeric_verifier(loss, server, tiny_model_
     curve = _example("tinker_rl").main(args)
     assert [step for step, _ in curve] == [0, 1, 2]
     assert all(0.0 <= acc <= 1.0 for _, acc in curve)
+
+
+def test_queued_samples_share_engine_calls_keep_order_and_queued_jobs_cancel(settings, tok):
+    """Sampling jobs queued back to back run in one engine call; never past an optim_step; cancel takes queued jobs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from main import create_app
+
+    text = tok.decode(PROMPT)
+    seq = PROMPT + TARGET
+    example = {"input_ids": seq[:-1], "target_ids": seq[1:]}
+    greedy = {"prompts": [text], "max_tokens": 4, "temperature": 0}
+    with TestClient(create_app(settings)) as client:
+        run_id = client.post("/v1/runs", json={"lora": {"r": 8, "alpha": 16}, "seed": 1}).json()["id"]
+
+        def queue(primitive: str, body: dict) -> str:
+            r = client.post(f"/v1/runs/{run_id}/{primitive}", json=body)
+            assert r.status_code == 202, r.text
+            return r.json()["job_id"]
+
+        # Everything below is queued while the worker is still loading the model, so the queue order is known.
+        before = queue("sample", greedy)
+        queue("forward_backward", {"examples": [example]})
+        queue("optim_step", {"learning_rate": 5e-2})
+        after = queue("sample", greedy)
+        dropped_sample = queue("sample", greedy)
+        dropped_grads = queue("forward_backward", {"examples": [example]})
+        for job_id, kind in ((dropped_sample, "sample"), (dropped_grads, "forward_backward")):
+            r = client.post("/api/v1/cancel_future", json={"request_id": f"{kind}.{job_id}.0"})
+            assert r.status_code == 200, r.text
+        with ThreadPoolExecutor(8) as pool:
+            body = {"prompts": [text], "num_samples": 2, "max_tokens": 4, "temperature": 1.0}
+            bodies = [{**body, "seed": i} for i in range(8)]
+            concurrent = list(pool.map(lambda b: queue("sample", b), bodies))
+
+        def done(job_id: str) -> dict:
+            job = client.get(f"/v1/jobs/{job_id}", params={"wait": True, "timeout": 120}).json()
+            assert job["status"] == "completed", job
+            return job["result"]
+
+        first, second = done(before), done(after)
+        results = [done(j) for j in concurrent]
+        # Order: the sample queued after optim_step saw the new weights, and was not batched with the one before it.
+        assert (first["step"], second["step"]) == (0, 1)
+        assert first["batch"]["engine_call"] != second["batch"]["engine_call"]
+        a, b = first["results"][0]["samples"][0], second["results"][0]["samples"][0]
+        assert (a["tokens"], a["logprobs"]) != (b["tokens"], b["logprobs"])
+        # Batching: eight jobs (sixteen rows), each its own correct answer, in fewer engine calls than jobs.
+        for r in results:
+            samples = r["results"][0]["samples"]
+            assert len(samples) == 2 and all(1 <= len(s["tokens"]) <= 4 for s in samples)
+            assert all(len(s["logprobs"]) == len(s["tokens"]) for s in samples)
+        calls = {r["batch"]["engine_call"] for r in results}
+        assert len(calls) < len(concurrent), [r["batch"] for r in results]
+        assert max(r["batch"]["jobs"] for r in results) > 1
+        # Cancelled jobs never ran and answer as the SDK expects a failed future; their gradients were taken back.
+        for job_id, kind in ((dropped_sample, "sample"), (dropped_grads, "forward_backward")):
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            assert job["status"] == "failed" and job["started_at"] is None and "cancelled" in job["error"]
+            r = client.post("/api/v1/retrieve_future", json={"request_id": f"{kind}.{job_id}.0"})
+            assert r.json()["category"] == "user" and "cancelled" in r.json()["error"]
+        r = client.post(f"/v1/runs/{run_id}/optim_step", json={"learning_rate": 1e-2})
+        assert r.status_code == 409 and "no gradients" in r.json()["error"]["message"]
+        # A finished job cannot be cancelled; an unknown one is 404.
+        r = client.post("/api/v1/cancel_future", json={"request_id": f"sample.{after}.0"})
+        assert r.status_code == 409 and "only a queued job" in r.json()["error"]["message"]
+        assert client.post("/api/v1/cancel_future", json={"request_id": "sample.nope.0"}).status_code == 404
+        assert client.delete(f"/v1/runs/{run_id}").status_code == 200
+
+
+def test_concurrent_sdk_samples_on_two_snapshots_each_use_their_weights(server, service, trained):
+    """Eight SDK samples in flight at once, half on the trained snapshot and half on the bare base: each is answered
+    from its own weights (the worker batches them, one engine call per snapshot)."""
+    tc, _ = trained
+    trained_sampler = tc.save_weights_and_get_sampling_client().result()
+    base_sampler = service.create_sampling_client(base_model=TINY_NAME).result()
+    greedy = types.SamplingParams(max_tokens=3, temperature=0.0)
+    prompt = types.ModelInput.from_ints(PROMPT)
+    futures = [(s, s.sample(prompt, 1, greedy)) for _ in range(4) for s in (trained_sampler, base_sampler)]
+    answers = [(s is trained_sampler, f.result().sequences[0].tokens) for s, f in futures]
+    assert all(tokens == TARGET[:3] for on_trained, tokens in answers if on_trained)
+    base_answers = [tokens for on_trained, tokens in answers if not on_trained]
+    assert len({tuple(t) for t in base_answers}) == 1 and base_answers[0] != TARGET[:3]
+    # retrieve_futures (the SDK's session poller, switched on by client/config): the session's four completions,
+    # then nothing new past the returned cursor; an unknown session is 404.
+    url, headers = f"{server}/api/v1/retrieve_futures", {"X-API-Key": SDK_KEY}
+    target = {"sampling_session_id": trained_sampler._sampling_session_id}
+    target["cloned_sampler_id"] = trained_sampler._cloned_sampler_id
+    first = httpx.post(url, json={"target": target, "prev_cursor": 0, "timeout": 0}, headers=headers).json()
+    assert len(first["completions"]) == 4 and {c["state"] for c in first["completions"]} == {"finished"}
+    again = httpx.post(url, json={"target": target, "prev_cursor": first["cursor"], "timeout": 0}, headers=headers)
+    assert again.json() == {"completions": [], "cursor": first["cursor"]}
+    bad = {"target": {"sampling_session_id": "nope"}, "prev_cursor": 0, "timeout": 0}
+    assert httpx.post(url, json=bad, headers=headers).status_code == 404
+
+
+def test_claiming_a_sampling_batch_is_bounded_ordered_and_cancel_is_atomic(settings):
+    """claim_batch takes at most `limit` sampling jobs and never a job past another kind; of eight concurrent
+    cancels of one queued job exactly one wins, and a claimed (running) job cannot be cancelled."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from entity.runs import RunRow, RunStatus
+    from entity.task import utcnow
+    from service.runs import RunStore
+    from service.tasks import TaskStore
+    from util.errors import ConflictError
+
+    store = RunStore(TaskStore(settings.paths.db_path).engine)
+    now = utcnow()
+    row = RunRow(id="claims", status=RunStatus.ready, base_model=TINY_NAME, base_path="x", lora={"r": 2}, seed=0,
+                 vocab_size=10, created_at=now, last_used_at=now)  # fmt: skip
+    store.add_run(row)
+    kinds = ["sample_tokens"] * 5 + ["loss_step", "sample", "sample_tokens", "optim_step"]
+    jobs = [store.add_job("claims", kind, {"forward_only": False}, grads=kind == "loss_step") for kind in kinds]
+    batchable = frozenset({"sample", "sample_tokens"})
+    claims = [[j.kind for j in store.claim_batch("claims", batchable, 3)] for _ in range(5)]
+    assert claims == [["sample_tokens"] * 3, ["sample_tokens"] * 2, ["loss_step"], ["sample", "sample_tokens"],
+                      ["optim_step"]]  # fmt: skip
+    assert store.claim_batch("claims", batchable, 3) == []
+    target = store.add_job("claims", "loss_step", {"forward_only": False}, grads=True)
+
+    def cancel(_: int) -> str:
+        try:
+            store.cancel_job(target.id, "cancelled: test")
+            return "ok"
+        except ConflictError:
+            return "conflict"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = sorted(pool.map(cancel, range(8)))
+    assert outcomes == ["conflict"] * 7 + ["ok"]
+    assert store.get_job(target.id).error == "cancelled: test"
+    assert store.get_run("claims").pending_grads == 1  # two loss_steps queued, the cancelled one taken back
+    with pytest.raises(ConflictError, match="only a queued job"):
+        store.cancel_job(jobs[0].id, "too late")

@@ -68,6 +68,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     top_logprobs: int = 0
     adapter: str | None = None  # a LoRA adapter folder routed on this engine's base (lora.py); None = the base
+    stop_token_ids: list[int] | None = None  # this request's end tokens; None = the engine's (the model's EOS)
 
 
 @dataclass
@@ -111,7 +112,8 @@ class _Tracker:
     def __init__(self, engine: "Engine", rid: str, prompt_len: int, params: SamplingParams) -> None:
         """Start with nothing generated."""
         self.engine, self.rid, self.prompt_len, self.params = engine, rid, prompt_len, params
-        self.asm = TextAssembler(engine.tokenizer, list(params.stop), engine.eos_ids)
+        eos = engine.eos_ids if params.stop_token_ids is None else set(params.stop_token_ids)
+        self.asm = TextAssembler(engine.tokenizer, list(params.stop), eos)
         self.seen = 0
         self.logprobs: list[float] = []
         self.top: list[list[tuple[int, float]]] = []
@@ -344,12 +346,13 @@ class Engine:
         router = self.manager.output_router
         with router._lock:
             router.result_handlers[rid] = (sink, _Direct)
+        eos = self.eos_ids if params.stop_token_ids is None else set(params.stop_token_ids)
         self.manager.add_request(
             list(prompt_ids),
             request_id=rid,
             max_new_tokens=params.max_tokens,
             streaming=True,
-            eos_token_id=sorted(self.eos_ids) or -1,
+            eos_token_id=sorted(eos) or -1,
             **kwargs,
         )
         return rid

@@ -6,6 +6,7 @@ the job (`<kind>.<job id>`), so retrieving it needs no state beyond the run stor
 Sampling sessions are stateless too: the id encodes the tinker:// path (or base model) it samples.
 """
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -65,6 +66,14 @@ def parse_tinker_path(path: str) -> tuple[str, str, str]:
     kind, name = parsed.checkpoint_id.split("/", 1)
     _check_name(name)
     return parsed.training_run_id, kind, name
+
+
+CLONE_BLOCK = 1_000_000_000  # a cloned SamplingClient's seq_ids start at clone * CLONE_BLOCK (the SDK's scheme)
+
+
+def session_tag(sampling_session_id: str, cloned_sampler_id: int) -> str:
+    """The tag of a sampling session's (or one of its clones') sample jobs."""
+    return f"{sampling_session_id}#{int(cloned_sampler_id)}"
 
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -373,6 +382,8 @@ class TinkerService:
             "topk_prompt_logprobs": req.topk_prompt_logprobs,
             "prompt_logprobs_last_n": last_n,
         }
+        if req.sampling_session_id:  # retrieve_futures polls a (session, cloned sampler) pair's completions
+            request["tag"] = session_tag(req.sampling_session_id, (req.seq_id or 0) // CLONE_BLOCK)
         job = self.runs.submit(run.id, "sample_tokens", request)
         return f"sample.{job.id}.{req.topk_prompt_logprobs}"
 
@@ -416,10 +427,51 @@ class TinkerService:
             return "json", out
         raise NotFoundError(f"Future '{request_id}' does not exist.", details={"request_id": request_id})
 
+    async def retrieve_many(self, req: tt.FuturesRetrieveRequest) -> dict[str, Any]:
+        """retrieve_futures: the session's sample requests that finished or failed after `prev_cursor`.
+
+        The cursor is a job sequence number below which every request of the session is complete, so nothing
+        is lost; a request that completed out of order (a cancelled one) may be reported twice, which the SDK's
+        poller tolerates. Long-polls up to `timeout` seconds (the server's default when unset) for news.
+        """
+        target = req.target
+        self._session_target(target.sampling_session_id)
+        tag = session_tag(target.sampling_session_id, target.cloned_sampler_id)
+        wait = FUTURE_WAIT_SECONDS if req.timeout is None else max(0.0, min(float(req.timeout), FUTURE_WAIT_SECONDS))
+        deadline = time.monotonic() + wait
+        while True:
+            jobs = await asyncio.to_thread(self.runs.store.tagged_jobs, "sample_tokens", tag, req.prev_cursor)
+            cursor, completions, prefix = req.prev_cursor, [], True
+            for job in jobs:
+                if job.status not in TERMINAL_JOB:
+                    prefix = False
+                    continue
+                request_id = f"sample.{job.id}.{int(job.request.get('topk_prompt_logprobs') or 0)}"
+                state = "finished" if job.status == JobStatus.completed else "failed"
+                completions.append({"state": state, "request_id": request_id})
+                if prefix:
+                    cursor = job.seq
+            if completions or time.monotonic() >= deadline:
+                return {"completions": completions, "cursor": cursor}
+            await asyncio.sleep(self.settings.runs.poll_interval * 5)
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel a queued request: its job leaves the run's queue and its future answers failed ("cancelled").
+
+        A running job is not interrupted (the worker cannot stop a GPU step midway): that is a 409, as is a
+        finished one; model creation cannot be cancelled (delete the run instead).
+        """
+        kind, _, rest = request_id.partition(".")
+        if kind in ("create_model", "load_create"):
+            raise ConflictError("Model creation cannot be cancelled; delete the training run instead.")
+        job_id = rest.partition(".")[0]
+        try:
+            self.runs.store.cancel_job(job_id, f"cancelled: request '{request_id}' was cancelled before it ran")
+        except NotFoundError:
+            raise NotFoundError(f"Future '{request_id}' does not exist.", details={"request_id": request_id}) from None
+
     async def _retrieve_creation(self, kind: str, rest: str, request_id: str, wait: float) -> dict[str, Any]:
         """A create_model / create-via-load future: resolved once the run's worker is ready."""
-        import asyncio
-
         try:
             decoded = _unb64(rest).decode()
             model_id, path = (decoded, None) if kind == "create_model" else tuple(json.loads(decoded))
