@@ -243,10 +243,11 @@ def run_service(
                 module.cast_input_dtype_enabled = True
             elif isinstance(module, torch.nn.Linear):  # an adapter matmul: nn.Linear's own forward back
                 module.__dict__.pop("forward", None)
-    if norm == "before":  # the norms' forward before the service's F.rms_norm (Liger's when installed)
+    if norm == "before":  # the norms as before the service's F.rms_norm: the model's own, then Liger's if installed
         for module in trainer.model.modules():
             if "_norm_forward_before" in module.__dict__:
                 module.forward = module.__dict__.pop("_norm_forward_before")
+        (trainer.args.liger_kernel_config or {}).pop("rms_norm", None)
     fused_lora.LoraLinearFunction = AddmmLoraFunction if lora_impl == "addmm" else LORA_FUNCTION
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v.to(built.device) if hasattr(v, "to") else v for k, v in batch.items()}

@@ -7,7 +7,10 @@ adapter product is written first and the base GEMM accumulates onto it (beta = 1
 GEMM is compute-bound), for the output and likewise for the input gradient: two memory passes fewer per layer
 than adding the product after the base GEMM (a read and a write of the whole output). The fp32 adapter weights are
 cast to the activations' dtype (with the scaling folded into B) once per optimizer step, not once per call; the
-optimizer still updates the fp32 weights. Layers this does not cover (dropout > 0, DoRA and other variants,
+optimizer still updates the fp32 weights. Layers much wider in than out (the MLP's down projection: in >= 2 x out,
+frozen, no bias) go further: their weight lives in the first rows of a [W; A] buffer, so one GEMM reads x once for
+the output and x A^T, and the input gradient is one GEMM over [g | s g B] (StackedLoraFunction; their output is a
+strided view of that GEMM's result). Layers this does not cover (dropout > 0, DoRA and other variants,
 several active adapters, biased adapters) keep PEFT's forward, with only the adapter weights cast down instead of
 the input cast up.
 """
@@ -62,6 +65,70 @@ class LoraLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_lora_a, grad_lora_b, None, None, None
 
 
+class StackedLoraFunction(torch.autograd.Function):
+    """LoraLinearFunction for a frozen, bias-free layer whose weight W is the first rows of stacked = [W; A]."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Any, lora_a: Any, lora_b: Any, stacked: Any, sb_w: Any, scaling: float) -> Any:
+        """[x W^T | x A^T] in one GEMM, then the adapter product added onto the first part (a strided view)."""
+        flat = x.reshape(-1, x.shape[-1])
+        n = stacked.shape[0] - lora_a.shape[0]
+        out = flat @ stacked.t()
+        a = out[:, n:].clone()  # small: saved apart from the output, which later ops may hold or replace
+        y = out[:, :n].addmm_(a, sb_w.t())
+        ctx.save_for_backward(flat, a, stacked, sb_w)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return y.view(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Any) -> tuple[Any, ...]:
+        """The input gradient as [g | s g B] @ [W; A] in one GEMM; the adapter gradients as LoraLinearFunction's."""
+        flat, a, stacked, sb_w = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        n = g.shape[1]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            both = g.new_empty(g.shape[0], stacked.shape[0])
+            both[:, :n].copy_(g)
+            grad_a = torch.mm(g, sb_w, out=both[:, n:])
+            grad_x = (both @ stacked).view(ctx.x_shape)
+        else:
+            grad_a = g @ sb_w
+        grad_lora_a = (grad_a.t() @ flat).float() if ctx.needs_input_grad[1] else None
+        grad_lora_b = (g.t() @ a).mul_(ctx.scaling).float() if ctx.needs_input_grad[2] else None
+        return grad_x, grad_lora_a, grad_lora_b, None, None, None
+
+
+def _stack(layer: Any, name: str) -> None:
+    """Move a frozen, bias-free, much-wider-in-than-out base weight into the first rows of a [W; A] buffer."""
+    base, a = layer.get_base_layer(), layer.lora_A[name].weight
+    w = base.weight
+    n, k = w.shape
+    if w.requires_grad or base.bias is not None or k < 2 * n or not w.is_contiguous() or a.shape[1] != k:
+        return
+    stacked = w.new_empty(n + a.shape[0], k)
+    with torch.no_grad():
+        stacked[:n].copy_(w)
+    w.data = stacked[:n]
+    layer._lora_stacked = (name, stacked)
+
+
+def _stacked_for(layer: Any, name: str, x: Any) -> Any:
+    """The layer's [W; A] buffer with A's rows current, or None where the stacked path does not apply now."""
+    held = layer.__dict__.get("_lora_stacked")
+    if held is None or held[0] != name:
+        return None
+    stacked, w, a = held[1], layer.get_base_layer().weight, layer.lora_A[name].weight
+    if w.data_ptr() != stacked.data_ptr() or w.requires_grad or stacked.dtype != x.dtype or a.shape[1] != w.shape[1]:
+        return None  # the weight was moved, cast or unfrozen since: the plain fused path
+    stamp = (_STEPS[0], a._version, a.data_ptr())
+    if layer._lora_casts.get("stacked") != stamp:
+        with torch.no_grad():
+            stacked[w.shape[0] :].copy_(a)
+        layer._lora_casts["stacked"] = stamp
+    return stacked
+
+
 def _cast(layer: Any, key: str, weight: Any, dtype: Any, scale: float = 1.0) -> Any:
     """The weight times scale in dtype, without autograd, cached until the weight may change (a step, a load)."""
     stamp = (_STEPS[0], weight._version, weight.data_ptr(), dtype, scale)
@@ -102,8 +169,11 @@ def _fused_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         return self._peft_forward(x, *args, **kwargs)
     base = self.get_base_layer()
     a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-    a_w, sb_w = _cast(self, "a", a, x.dtype), _cast(self, "b", b, x.dtype, scaling)
-    return LoraLinearFunction.apply(x, base.weight, base.bias, a, b, a_w, sb_w, scaling)
+    sb_w = _cast(self, "b", b, x.dtype, scaling)
+    stacked = _stacked_for(self, name, x)
+    if stacked is not None:
+        return StackedLoraFunction.apply(x, a, b, stacked, sb_w, scaling)
+    return LoraLinearFunction.apply(x, base.weight, base.bias, a, b, _cast(self, "a", a, x.dtype), sb_w, scaling)
 
 
 def _linear_in_input_dtype(self: Any, x: Any) -> Any:
@@ -125,6 +195,9 @@ def fuse_lora_layers(model: Any) -> int:
         layer.forward = types.MethodType(_fused_forward, layer)
         # The fallback (PEFT's forward) casts the whole input to the fp32 adapter dtype: cast the adapter down.
         layer.cast_input_dtype_enabled = False
+        name = _single_vanilla_adapter(layer)
+        if name is not None:
+            _stack(layer, name)
         for adapter in (*layer.lora_A.values(), *layer.lora_B.values()):
             if type(adapter) is torch.nn.Linear:
                 adapter.forward = types.MethodType(_linear_in_input_dtype, adapter)

@@ -23,11 +23,14 @@ def _rms_norm_forward(self: Any, hidden_states: Any) -> Any:
     return F.rms_norm(hidden_states, self._norm_shape, self.weight, self.variance_epsilon)
 
 
-def use_native_rms_norm(model: Any) -> int:
+def use_native_rms_norm(model: Any, args: Any = None) -> int:
     """Route the model's RMSNorm layers (of the known form) through F.rms_norm; returns how many were changed.
 
-    The forward in place before (transformers' or Liger's) is kept as ``_norm_forward_before``.
+    The forward in place before is kept as ``_norm_forward_before``. The trainer applies Liger when training starts,
+    after this: with its TrainingArguments given, Liger is told to leave the norms alone.
     """
+    if args is not None and getattr(args, "use_liger_kernel", False):
+        args.liger_kernel_config = {**(args.liger_kernel_config or {}), "rms_norm": False}
     changed = 0
     for module in model.modules():
         if type(module).__name__ not in NORM_CLASSES or "_norm_forward_before" in module.__dict__:

@@ -270,7 +270,7 @@ def build_trainer(
     )
     fuse_lora_layers(trainer.model)
     if device == "cuda":  # one native call per norm: less host time per step than Liger's or the model's own
-        use_native_rms_norm(trainer.model)
+        use_native_rms_norm(trainer.model, trainer.args)
     return BuiltTrainer(trainer, req, tokenizer, args, device, dtype, output_dir, model_path, eval_ds, stats)
 
 
