@@ -6,8 +6,8 @@ LoRA implementations (r=16, scaling 2, bf16 activations, fp32 adapter weights, f
   addmm    the first fused step: base GEMM, then the adapter product added onto its output (addmm), casts per call
   fused    the service's LoraLinearFunction: the adapter product first, the base GEMM accumulating onto it, casts
            cached
-  stacked  fused, with down_proj (K > N) through a stacked [W; A] weight: one GEMM reads x for both, and the input
-           gradient as [g | s g B] @ [W; A]
+  stacked  fused, with bias-free layers wider in than out (down_proj) through StackedLoraFunction: one GEMM over a
+           stacked [W; A] weight reads x for both, and the input gradient is [g | s g B] @ [W; A]
 Norms: transformers' Qwen2RMSNorm, Liger's (when installed) and F.rms_norm on [tokens, 896]: GPU time per call
 (forward + backward) and host time per call (a small input, so the host is the limit).
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from train_throughput import AddmmLoraFunction
 
-from service.train.fused_lora import LoraLinearFunction
+from service.train.fused_lora import LoraLinearFunction, StackedLoraFunction
 
 SHAPES = {  # name: (in K, out N, bias) of Qwen2-0.5B's adapted layers
     "q": (896, 896, True),
@@ -39,34 +39,6 @@ SHAPES = {  # name: (in K, out N, bias) of Qwen2-0.5B's adapted layers
     "down": (4864, 896, False),
 }
 RANK, SCALING = 16, 2.0
-
-
-class StackedLoraFunction(torch.autograd.Function):
-    """Down-projection shape: x @ [W; A]^T in one GEMM, input gradient [g | s g B] @ [W; A]."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Any, stacked: Any, lora_a: Any, lora_b: Any, sb_w: Any, n: int) -> Any:
-        """One GEMM for the base output and x A^T, then the adapter product added onto the output."""
-        flat = x.reshape(-1, x.shape[-1])
-        out = flat @ stacked.t()
-        a = out[:, n:].clone()
-        y = out[:, :n].addmm_(a, sb_w.t())
-        ctx.save_for_backward(flat, a, stacked, sb_w)
-        ctx.n, ctx.x_shape = n, x.shape
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad_y: Any) -> tuple[Any, ...]:
-        """The input gradient in one GEMM over [g | s g B]; the adapter gradients as in the fused path."""
-        flat, a, stacked, sb_w = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1])
-        buf = g.new_empty(g.shape[0], ctx.n + a.shape[1])
-        buf[:, : ctx.n].copy_(g)
-        grad_a = torch.mm(g, sb_w, out=buf[:, ctx.n :])
-        grad_x = (buf @ stacked).view(ctx.x_shape)
-        grad_lora_a = (grad_a.t() @ flat).float()
-        grad_lora_b = (g.t() @ a).mul_(SCALING).float()
-        return grad_x, None, grad_lora_a, grad_lora_b, None, None
 
 
 def make_layer(k: int, n: int, bias: bool, dev: str) -> dict[str, Any]:
@@ -89,7 +61,7 @@ def step(impl: str, layer: dict[str, Any], x: Any, g: Any) -> None:
     elif impl == "addmm":
         y = AddmmLoraFunction.apply(x, w, b, a, bb, None, None, SCALING)
     elif impl == "stacked" and b is None and w.shape[1] > w.shape[0]:
-        y = StackedLoraFunction.apply(x, layer["stacked"], a, bb, layer["sb_w"], layer["n"])
+        y = StackedLoraFunction.apply(x, a, bb, layer["stacked"], layer["sb_w"], SCALING)
     else:
         y = LoraLinearFunction.apply(x, w, b, a, bb, layer["a_w"], layer["sb_w"], SCALING)
     y.backward(g)

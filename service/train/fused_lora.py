@@ -24,6 +24,19 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _STEPS = [0]  # optimizer steps taken in this process: fused optimizers update weights without a version bump
 _HOOKED: list[Any] = []
+_CUDA_OUT_DTYPE: list[bool | None] = [None]  # whether torch.mm takes out_dtype on CUDA here (None: not tried yet)
+
+
+def _fp32_mm(left: Any, right: Any) -> Any:
+    """The product of two matrices in fp32: one GEMM writing fp32 on CUDA where this PyTorch can, else mm and cast."""
+    if left.is_cuda and left.dtype != torch.float32 and _CUDA_OUT_DTYPE[0] is not False:
+        try:
+            out = torch.mm(left, right, out_dtype=torch.float32)
+            _CUDA_OUT_DTYPE[0] = True
+            return out
+        except (TypeError, RuntimeError):  # an older PyTorch: no mm.dtype
+            _CUDA_OUT_DTYPE[0] = False
+    return (left @ right).float()
 
 
 def _count_step(optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -60,8 +73,8 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_w = g.t() @ flat
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
-        grad_lora_a = (grad_a.t() @ flat).float() if ctx.needs_input_grad[3] else None
-        grad_lora_b = (g.t() @ a).mul_(ctx.scaling).float() if ctx.needs_input_grad[4] else None
+        grad_lora_a = _fp32_mm(grad_a.t(), flat) if ctx.needs_input_grad[3] else None
+        grad_lora_b = _fp32_mm(g.t(), a).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
         return grad_x, grad_w, grad_bias, grad_lora_a, grad_lora_b, None, None, None
 
 
@@ -94,8 +107,8 @@ class StackedLoraFunction(torch.autograd.Function):
             grad_x = (both @ stacked).view(ctx.x_shape)
         else:
             grad_a = g @ sb_w
-        grad_lora_a = (grad_a.t() @ flat).float() if ctx.needs_input_grad[1] else None
-        grad_lora_b = (g.t() @ a).mul_(ctx.scaling).float() if ctx.needs_input_grad[2] else None
+        grad_lora_a = _fp32_mm(grad_a.t(), flat) if ctx.needs_input_grad[1] else None
+        grad_lora_b = _fp32_mm(g.t(), a).mul_(ctx.scaling) if ctx.needs_input_grad[2] else None
         return grad_x, grad_lora_a, grad_lora_b, None, None, None
 
 
