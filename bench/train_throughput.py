@@ -16,8 +16,8 @@ Variants (same model shape, data, optimizer settings and step count):
   c-lora-d05 c-lora with lora_dropout 0.05 (PEFT's forward, adapter weights cast to bf16)
   c-lora-peft c-lora as PEFT has it by default: each adapted layer's input cast to fp32, dropout 0.05
   c-lora-addmm c-lora with the first fused LoRA step (base GEMM, then the adapter product added onto its output
-             with addmm, adapter weights cast on every call): what the adapter-first GEMM order and the cast
-             cache buy
+             with addmm, adapter weights cast on every call, no stacked [W; A] layers): what this round's LoRA
+             changes buy together
   c-liger-norm c with Liger's RMSNorm kept (the service now routes the norms through F.rms_norm on CUDA)
   c-lora-liger-norm c-lora with Liger's RMSNorm kept
   c-all      c with the loss on every token, as TRL computes it in a and b (the service's default is the
@@ -249,6 +249,9 @@ def run_service(
                 module.forward = module.__dict__.pop("_norm_forward_before")
         (trainer.args.liger_kernel_config or {}).pop("rms_norm", None)
     fused_lora.LoraLinearFunction = AddmmLoraFunction if lora_impl == "addmm" else LORA_FUNCTION
+    if lora_impl == "addmm":  # no stacked [W; A] layers either: every layer through the first fused step
+        for module in trainer.model.modules():
+            module.__dict__.pop("_lora_stacked", None)
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v.to(built.device) if hasattr(v, "to") else v for k, v in batch.items()}
     gaps = packed_loss_gaps(trainer.model.eval(), batch, alone_attention="sdpa")  # the reference kernel alone
