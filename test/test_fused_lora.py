@@ -147,3 +147,26 @@ def test_native_rms_norm_matches_the_model_norm(settings):
     assert loss == pytest.approx(loss_ref, rel=1e-6)
     for name, ref in grads_ref.items():
         torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-6)
+
+
+def test_native_rms_norm_takes_liger_norms_without_offset_only():
+    from service.train.norms import use_native_rms_norm
+
+    class LigerRMSNorm(torch.nn.Module):  # the shape of Liger's class, which Liger may put in the model's place
+        def __init__(self, offset: float) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(8) + 0.5)
+            self.variance_epsilon, self.offset = 1e-6, offset
+
+        def forward(self, x):
+            x32 = x.float()
+            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return normed * (self.offset + self.weight)
+
+    model = torch.nn.ModuleList([LigerRMSNorm(0.0), LigerRMSNorm(1.0)])
+    x = torch.randn(3, 8)
+    before = [m(x) for m in model]
+    assert use_native_rms_norm(model) == 1  # the Gemma form (1 + weight) keeps its own forward
+    assert "_norm_forward_before" in model[0].__dict__ and "_norm_forward_before" not in model[1].__dict__
+    for module, expected in zip(model, before, strict=True):
+        torch.testing.assert_close(module(x), expected)

@@ -4,7 +4,9 @@ Liger's RMSNorm runs one Triton kernel per call but spends about 200 us of host 
 profile of an 8k-token step: a 40 us kernel), and transformers' own RMSNorm is five or more elementwise kernels.
 ``F.rms_norm`` is one native op (a fused CUDA kernel forward and backward), so at small token budgets, where the
 step waits on Python, it takes that host time off every norm. The math is the models' own (x / rms(x) x weight,
-no offset), computed in fp32 and rounded once; only classes known to have that form are changed.
+no offset), computed in fp32 and rounded once; only classes known to have that form are changed, and Liger's own
+RMSNorm class (which Liger puts in place of the model's class for models built after it patched one) where its
+offset is 0.
 """
 
 import types
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 NORM_CLASSES = frozenset(
     f"{name}RMSNorm"
     for name in ("Llama", "Qwen2", "Qwen3", "Mistral", "Mixtral", "Qwen2Moe", "Qwen3Moe", "SmolLM3", "Phi3", "Granite")
-)
+) | {"LigerRMSNorm"}
 
 
 def _rms_norm_forward(self: Any, hidden_states: Any) -> Any:
@@ -37,6 +39,8 @@ def use_native_rms_norm(model: Any, args: Any = None) -> int:
             continue
         weight = getattr(module, "weight", None)
         if weight is None or weight.ndim != 1 or not isinstance(getattr(module, "variance_epsilon", None), float):
+            continue
+        if getattr(module, "offset", 0.0) != 0.0:  # Liger's Gemma form: (1 + weight)
             continue
         module._norm_forward_before = module.forward
         module._norm_shape = (weight.shape[0],)
