@@ -7,12 +7,12 @@ adapter product is written first and the base GEMM accumulates onto it (beta = 1
 GEMM is compute-bound), for the output and likewise for the input gradient: two memory passes fewer per layer
 than adding the product after the base GEMM (a read and a write of the whole output). The fp32 adapter weights are
 cast to the activations' dtype (with the scaling folded into B) once per optimizer step, not once per call; the
-optimizer still updates the fp32 weights. Layers much wider in than out (the MLP's down projection: in >= 2 x out,
-frozen, no bias) go further: their weight lives in the first rows of a [W; A] buffer, so one GEMM reads x once for
-the output and x A^T, and the input gradient is one GEMM over [g | s g B] (StackedLoraFunction; their output is a
-strided view of that GEMM's result). Layers this does not cover (dropout > 0, DoRA and other variants,
-several active adapters, biased adapters) keep PEFT's forward, with only the adapter weights cast down instead of
-the input cast up.
+optimizer still updates the fp32 weights. Frozen bias-free layers at least twice as wide in as out (the MLP's down
+projection; k and v of grouped-query models without biases) go further: their weight lives in the first rows of a
+[W; A] buffer, so one GEMM reads x once for the output and x A^T, and the input gradient is one GEMM over
+[g | s g B] (StackedLoraFunction; their output is a strided view of that GEMM's result). Layers this does not cover
+(dropout > 0, DoRA and other variants, several active adapters, biased adapters) keep PEFT's forward, with only the
+adapter weights cast down instead of the input cast up.
 """
 
 import types
@@ -34,6 +34,8 @@ def _fp32_mm(left: Any, right: Any) -> Any:
             out = torch.mm(left, right, out_dtype=torch.float32)
             _CUDA_OUT_DTYPE[0] = True
             return out
+        except torch.OutOfMemoryError:
+            raise
         except (TypeError, RuntimeError):  # an older PyTorch: no mm.dtype
             _CUDA_OUT_DTYPE[0] = False
     return (left @ right).float()
