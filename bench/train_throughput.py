@@ -15,6 +15,11 @@ Variants (same model shape, data, optimizer settings and step count):
   c-lora     c with LoRA r=16 on all linear layers (the service's LoRA defaults)
   c-lora-d05 c-lora with lora_dropout 0.05 (PEFT's forward, adapter weights cast to bf16)
   c-lora-peft c-lora as PEFT has it by default: each adapted layer's input cast to fp32, dropout 0.05
+  c-lora-addmm c-lora with the first fused LoRA step (base GEMM, then the adapter product added onto its output
+             with addmm, adapter weights cast on every call, no stacked [W; A] layers): what this round's LoRA
+             changes buy together
+  c-liger-norm c with Liger's RMSNorm kept (the service now routes the norms through F.rms_norm on CUDA)
+  c-lora-liger-norm c-lora with Liger's RMSNorm kept
   c-all      c with the loss on every token, as TRL computes it in a and b (the service's default is the
              assistant's tokens only): its loss curve is comparable step by step with b's
   c-default  the service's defaults: a request with no batch size, max_length, packing or checkpointing set,
@@ -54,11 +59,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+import torch.nn.functional as F
 from service_train import build_qwen_05b, synthetic_chats
 from transformers import TrainerCallback
 
 from entity.train import TrainRequest
 from service import models
+from service.train import fused_lora
 from service.train.packing import packed_loss_gaps
 from service.train.runner import build_trainer
 from service.train.service import task_request
@@ -76,10 +83,14 @@ SERVICE_VARIANTS: dict[str, dict[str, Any]] = {
     "c-lora": {"lora": True},
     "c-lora-d05": {"lora": True, "lora_config": {"lora_dropout": 0.05}},
     "c-lora-peft": {"lora": True, "peft_default": True, "lora_config": {"lora_dropout": 0.05}},
+    "c-lora-addmm": {"lora": True, "lora_impl": "addmm"},
+    "c-liger-norm": {"norm": "before"},
+    "c-lora-liger-norm": {"lora": True, "norm": "before"},
     "c-all": {"assistant_only_loss": False},
     "c-default": {"defaults": True},
     "c-default-lora": {"defaults": True, "lora": True},
 }
+LORA_FUNCTION = fused_lora.LoraLinearFunction
 TRL_VARIANTS = ("a", "b", "b-nockpt")
 KERNEL_KINDS = (  # first match wins, on the lower-cased kernel name
     ("attention", ("flex", "attention", "fmha", "flash")),
@@ -88,6 +99,35 @@ KERNEL_KINDS = (  # first match wins, on the lower-cased kernel name
     ("cross-entropy", ("cross_entropy", "fused_linear")),
     ("liger norm/rope/swiglu", ("rms_norm", "rope", "swiglu", "_layer_norm")),
 )
+
+
+class AddmmLoraFunction(torch.autograd.Function):
+    """The first fused LoRA step, for comparison: the adapter product added after the base GEMM, casts per call."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Any, weight: Any, bias: Any, lora_a: Any, lora_b: Any, a_w: Any, sb_w: Any, s: float
+    ) -> Any:
+        """The base GEMM (and bias), then the adapter product added onto it; the cached casts handed in unused."""
+        a_w, b_w = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        flat = x.reshape(-1, x.shape[-1])
+        a = flat @ a_w.t()
+        y = F.linear(flat, weight, bias).addmm_(a, b_w.t(), alpha=s)
+        ctx.save_for_backward(flat, a, weight, a_w, b_w)
+        ctx.scaling, ctx.x_shape, ctx.has_bias = s, x.shape, bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Any) -> tuple[Any, ...]:
+        """The input gradient g W first, the adapter's part added onto it."""
+        flat, a, weight, a_w, b_w = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_a = (g @ b_w).mul_(ctx.scaling)
+        grad_x = (g @ weight).addmm_(grad_a, a_w).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_lora_a = (grad_a.t() @ flat).float()
+        grad_lora_b = (g.t() @ a).mul_(ctx.scaling).float()
+        return grad_x, None, grad_bias, grad_lora_a, grad_lora_b, None, None, None
 
 
 class StepTimer(TrainerCallback):
@@ -199,6 +239,7 @@ def run_service(
     extra = dict(SERVICE_VARIANTS[name])
     lora = extra.pop("lora", False)
     peft_default = extra.pop("peft_default", False)
+    lora_impl, norm = extra.pop("lora_impl", None), extra.pop("norm", None)
     lora_config = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"} | extra.pop("lora_config", {})
     defaults = extra.pop("defaults", False)
     overrides: dict[str, Any] = {
@@ -227,6 +268,15 @@ def run_service(
                 module.cast_input_dtype_enabled = True
             elif isinstance(module, torch.nn.Linear):  # an adapter matmul: nn.Linear's own forward back
                 module.__dict__.pop("forward", None)
+    if norm == "before":  # the norms as before the service's F.rms_norm: the model's own, then Liger's if installed
+        for module in trainer.model.modules():
+            if "_norm_forward_before" in module.__dict__:
+                module.forward = module.__dict__.pop("_norm_forward_before")
+        (trainer.args.liger_kernel_config or {}).pop("rms_norm", None)
+    fused_lora.LoraLinearFunction = AddmmLoraFunction if lora_impl == "addmm" else LORA_FUNCTION
+    if lora_impl == "addmm":  # no stacked [W; A] layers either: every layer through the first fused step
+        for module in trainer.model.modules():
+            module.__dict__.pop("_lora_stacked", None)
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v.to(built.device) if hasattr(v, "to") else v for k, v in batch.items()}
     gaps = packed_loss_gaps(trainer.model.eval(), batch, alone_attention="sdpa")  # the reference kernel alone
@@ -245,6 +295,7 @@ def run_service(
     if args.profile:
         row |= profile_parts(trainer, args.profile_steps)
         row |= profile_kernels(trainer, work / f"kernels-{name}-{budget}.txt")
+    fused_lora.LoraLinearFunction = LORA_FUNCTION
     del trainer, built
     return row
 

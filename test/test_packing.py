@@ -123,7 +123,7 @@ def _worst_error(grads, reference):
 def test_fused_lora_matches_peft(settings, dtype):
     """The fused LoRA path gives PEFT's loss and adapter gradients; with a bf16 base its matmuls run in bf16 and
     it lands as close to an fp32 reference as PEFT's own bf16 path does."""
-    from service.train.fused_lora import LoraLinearFunction, fuse_lora_layers
+    from service.train.fused_lora import LoraLinearFunction, StackedLoraFunction, fuse_lora_layers
 
     reference, ids = _lora_model(settings, dtype)
     loss_ref, grads_ref = _loss_and_grads(reference.float(), ids)  # the same weights in fp32
@@ -131,18 +131,27 @@ def test_fused_lora_matches_peft(settings, dtype):
     loss_peft, grads_peft = _loss_and_grads(model, ids)
     assert fuse_lora_layers(model) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
     calls = []
-    original = LoraLinearFunction.forward
+    originals = {f: f.forward for f in (LoraLinearFunction, StackedLoraFunction)}
 
-    def counting(ctx, *args):
-        calls.append(args[0].dtype)
-        return original(ctx, *args)
+    def counting(function):
+        def forward(ctx, *args):
+            calls.append((function.__name__, args[0].dtype))
+            return originals[function](ctx, *args)
 
-    LoraLinearFunction.forward = staticmethod(counting)
+        return staticmethod(forward)
+
+    for function in originals:
+        function.forward = counting(function)
     try:
         loss_fused, grads_fused = _loss_and_grads(model, ids)
     finally:
-        LoraLinearFunction.forward = staticmethod(original)
-    assert calls == [dtype] * 14
+        for function, forward in originals.items():
+            function.forward = staticmethod(forward)
+    # Frozen bias-free layers at least twice as wide in as out (k, v: 64 -> 32; down: 128 -> 64) take the stacked
+    # [W; A] GEMM, the others (q, o: 64 -> 64; gate, up: 64 -> 128) the plain one
+    stacked = [False, True, True, False, False, False, True]  # q, k, v, o, gate, up, down
+    per_layer = [("StackedLoraFunction" if s else "LoraLinearFunction", dtype) for s in stacked]
+    assert calls == per_layer * 2
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # fp32 weights
     if dtype == torch.float32:
         assert loss_fused == pytest.approx(loss_ref, rel=1e-6)
