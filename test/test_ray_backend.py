@@ -7,6 +7,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from unittest.mock import ANY
 
 import pytest
@@ -176,6 +177,7 @@ def test_a_killed_actor_fails_the_task_with_the_reason(ray_client):
     task = wait_for(ray_client, task_id, {"failed", "succeeded", "cancelled"}, timeout=60)
     assert task["status"] == "failed"
     assert "Ray actor died" in task["error"] and actor_name(task_id) in task["error"], task["error"]
+    assert "killed by `ray.kill`" in task["error"]
     _wait(lambda: not pid_alive(pid), "the worker outlived its actor")
     _wait(_all_cpus_free, f"CPUs not freed: {ray.available_resources()}")
 
@@ -213,3 +215,31 @@ def test_the_local_backend_never_imports_ray():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_eight_tasks_at_once_never_exceed_the_cluster_and_all_cancel(ray_settings):
+    jobs = ray_settings.jobs.model_copy(update={"max_concurrent_jobs": None})  # capacity from the cluster: 2 CPUs
+    settings = ray_settings.model_copy(update={"jobs": jobs})
+    with TestClient(create_app(settings)) as client:
+        _prepare(client)
+        body = {"strategy": "lora", "dataset_path": "sample/train.jsonl", "config": LONG}
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: client.post("/api/train/start", json=body), range(8)))
+        assert [r.status_code for r in answers] == [202] * 8, [r.text for r in answers]
+        ids = [r.json()["task_id"] for r in answers]
+        deadline, seen = time.monotonic() + 60, 0
+        while seen < 2 or time.monotonic() < deadline - 50:  # until both slots filled, and for at least 10 s
+            statuses = [client.get(f"/api/train/status/{i}").json()["status"] for i in ids]
+            actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
+            assert statuses.count("running") <= CPUS and len(actors) <= CPUS, (statuses, actors)
+            seen = statuses.count("running")
+            assert time.monotonic() < deadline, statuses
+            time.sleep(0.3)
+        assert sorted(statuses) == ["queued"] * 6 + ["running"] * 2
+        with ThreadPoolExecutor(8) as pool:
+            cancels = list(pool.map(lambda i: client.post(f"/api/train/cancel/{i}"), ids))
+        assert [(r.status_code, r.json()["status"]) for r in cancels] == [(200, "cancelled")] * 8
+        assert all(_gone(i) for i in ids)
+        _wait(_all_cpus_free, f"CPUs not freed: {ray.available_resources()}")
+        time.sleep(1)  # nothing queued is started after its cancel
+        assert {client.get(f"/api/train/status/{i}").json()["status"] for i in ids} == {"cancelled"}
