@@ -307,6 +307,12 @@ class JobRunner:
             details={"task_id": task_id, "status": task.status},
         )
 
+    def signal_worker(self, task_id: str, signum: int) -> bool:
+        """Signal the worker of a task running on a backend (Ray); False when this runner has no such worker."""
+        with self._lock:
+            job = self._running.get(task_id)
+        return job is not None and job.handle is not None and job.handle.signal(signum)
+
     def log_path(self, task_id: str) -> Path:
         """Where a task's child writes its stdout and stderr."""
         return self.log_dir / f"{task_id}.log"

@@ -1,5 +1,7 @@
 """Tasks on a Ray cluster (jobs.backend: ray): train and eval succeed, cancel and ray.kill free the actor, adoption."""
 
+import io
+import json
 import os
 import shutil
 import subprocess
@@ -10,11 +12,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from unittest.mock import ANY
 
+import openai
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from conftest import SAMPLE, make_settings, wait_for, write_jsonl
+from conftest import SAMPLE, TINY_NAME, make_settings, wait_for, write_jsonl
 from main import create_app
 from service.jobs import pid_alive
 from util.settings import PROJECT_ROOT, Settings, load_settings
@@ -243,3 +246,22 @@ def test_eight_tasks_at_once_never_exceed_the_cluster_and_all_cancel(ray_setting
         _wait(_all_cpus_free, f"CPUs not freed: {ray.available_resources()}")
         time.sleep(1)  # nothing queued is started after its cancel
         assert {client.get(f"/api/train/status/{i}").json()["status"] for i in ids} == {"cancelled"}
+
+
+def test_pause_reaches_the_worker_through_its_actor(ray_client):
+    oai = openai.OpenAI(base_url="http://testserver/v1", api_key="none", max_retries=0, http_client=ray_client)
+    records = [{"messages": r["conversations"]} for r in json.loads(SAMPLE.read_text())] * 2
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    file_id = oai.files.create(file=("train.jsonl", io.BytesIO(data)), purpose="fine-tune").id
+    hyper = {"n_epochs": 1, "batch_size": 1}
+    job = oai.fine_tuning.jobs.create(model=TINY_NAME, training_file=file_id, hyperparameters=hyper)
+    task_id = job.id.removeprefix("ftjob-")
+    pid = _training(ray_client, task_id)
+    assert oai.fine_tuning.jobs.pause(job.id).status == "paused"
+    _wait(lambda: not pid_alive(pid), "the paused worker did not exit", timeout=60)
+    checkpoints = oai.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert len(checkpoints) == 1 and checkpoints[0].step_number >= 1  # saved at a step end, then exited
+    _wait(lambda: _gone(task_id), "the paused task's actor was not released")
+    _wait(_all_cpus_free, f"CPUs not freed: {ray.available_resources()}")
+    assert oai.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    assert oai.fine_tuning.jobs.cancel(job.id).status == "cancelled"

@@ -22,6 +22,10 @@ class TaskHandle(Protocol):
         """Stop the worker (SIGTERM, SIGKILL after `grace` seconds) and free what it reserved."""
         ...
 
+    def signal(self, signum: int) -> bool:
+        """Send a signal to the worker (SIGUSR1: pause); whether it was delivered."""
+        ...
+
     def describe(self) -> dict[str, object]:
         """What to put in the task's `running` event (backend, actor name, ...)."""
         ...

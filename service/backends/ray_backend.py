@@ -9,10 +9,8 @@ of the actor always ends the worker and frees its resources. The actor is named 
 """
 
 import contextlib
-import ctypes
 import logging
 import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,13 +20,13 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from entity.task import TaskRow
 from service.jobs import describe_exit, spawn_worker, task_processes, terminate_group, worker_args, worker_environment
+from service.worker import DIE_WITH_PARENT_ENV, die_with_parent
 from util.settings import PROJECT_ROOT, Settings
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "win-train"
 ACTOR_PREFIX = "wt-task-"
-PR_SET_PDEATHSIG = 1
 REASON_CHARS = 600  # how much of Ray's (long) error text goes into the task's error
 TERMINATE_SLACK_SECONDS = 30.0  # how long a cancel waits for the actor's own SIGTERM/SIGKILL pass beyond the grace
 
@@ -38,18 +36,16 @@ def actor_name(task_id: str) -> str:
     return ACTOR_PREFIX + task_id
 
 
-def _die_with_parent() -> None:
-    """In the worker child, before exec: receive SIGKILL when the actor process dies (ray.kill, node loss)."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class TaskActor:
     """Runs one task's worker process on the node Ray placed it on; its methods report and stop that process."""
 
     def __init__(self, settings_json: str, module_args: list[str], log_path: str) -> None:
         """Start the worker (the same command, settings and environment a local task gets)."""
         settings = Settings.model_validate_json(settings_json)
-        self.proc = spawn_worker(settings, module_args, Path(log_path), preexec_fn=_die_with_parent)
+        # The worker (before exec) and each torchrun rank (DIE_WITH_PARENT_ENV) get SIGKILL when their parent dies,
+        # so killing the actor (ray.kill, node loss) never leaves a worker behind holding the GPUs.
+        os.environ[DIE_WITH_PARENT_ENV] = "1"
+        self.proc = spawn_worker(settings, module_args, Path(log_path), preexec_fn=die_with_parent)
 
     def pid(self) -> int:
         """The worker's pid on its node."""
@@ -58,6 +54,11 @@ class TaskActor:
     def exit_code(self) -> int | None:
         """The worker's exit status, or None while it runs."""
         return self.proc.poll()
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the worker (SIGUSR1: pause)."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signum)
 
     def terminate(self, grace: float) -> int | None:
         """SIGTERM the worker's process tree, SIGKILL it after `grace` seconds; its exit status."""
@@ -117,6 +118,15 @@ class RayTaskHandle:
             except (RayError, GetTimeoutError) as exc:
                 log.info("terminating actor %s: %s", self.name, exc)
         self._kill_actor()  # still waiting for resources, or after the worker ended: nothing else holds them
+
+    def signal(self, signum: int) -> bool:
+        """Send a signal to the worker through its actor; whether it was delivered."""
+        try:
+            ray.get(self.actor.signal.remote(signum), timeout=TERMINATE_SLACK_SECONDS)
+        except (RayError, GetTimeoutError) as exc:
+            log.info("signal %s to actor %s: %s", signum, self.name, exc)
+            return False
+        return True
 
     def describe(self) -> dict[str, object]:
         """The backend, actor name and reserved resources, for the task's `running` event."""
