@@ -12,12 +12,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from unittest.mock import ANY
 
+import httpx
 import openai
+import psutil
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from conftest import SAMPLE, TINY_NAME, make_settings, wait_for, write_jsonl
+from conftest import SAMPLE, TINY_NAME, make_settings, start_server, stop_server, wait_for, write_jsonl
 from main import create_app
 from service.jobs import pid_alive
 from util.settings import PROJECT_ROOT, Settings, load_settings
@@ -265,3 +267,36 @@ def test_pause_reaches_the_worker_through_its_actor(ray_client):
     _wait(_all_cpus_free, f"CPUs not freed: {ray.available_resources()}")
     assert oai.fine_tuning.jobs.retrieve(job.id).status == "paused"
     assert oai.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+
+
+def test_a_server_starts_its_own_ray_without_its_api_keys(tmp_path, tiny_model_root, monkeypatch):
+    """jobs.ray_address: null: `main.py` starts a private Ray, runs a task there, and stops it on shutdown."""
+    key = "sk-ray-secret-key"
+    monkeypatch.setenv("API_KEYS", key)  # the server reads its key from the environment, as in production
+    monkeypatch.setenv("WT_AUTH__SOMETHING", "also-secret")
+    jobs = {"poll_interval": 0.2, "backend": "ray", "ray_address": None, "ray_num_cpus": 1}
+    url, proc = start_server(tmp_path, tiny_model_root, {"jobs": jobs})
+    try:
+        write_jsonl(tmp_path / "data" / "eval" / "qa.jsonl", QA)
+        auth = {"Authorization": f"Bearer {key}"}
+        r = httpx.post(
+            f"{url}/api/eval/evaluate", json={"dataset_path": "eval/qa.jsonl", "metrics": ["loss"]}, headers=auth
+        )
+        assert r.status_code == 202, r.text
+        task_id = r.json()["task_id"]
+        deadline = time.monotonic() + 180
+        while (task := httpx.get(f"{url}/api/train/status/{task_id}", headers=auth).json())["status"] in (
+            "queued",
+            "running",
+        ):
+            assert time.monotonic() < deadline, task
+            time.sleep(0.5)
+        assert task["status"] == "succeeded", task["error"]
+        ray_procs = [p for p in psutil.Process(proc.pid).children(recursive=True) if "ray" in " ".join(p.cmdline())]
+        assert any("raylet" in " ".join(p.cmdline()) for p in ray_procs), [p.cmdline() for p in ray_procs]
+        for p in ray_procs:  # the raylet, the GCS and the workers they start never saw the keys
+            env = p.environ()
+            assert "API_KEYS" not in env and "WT_AUTH__SOMETHING" not in env, p.cmdline()
+    finally:
+        stop_server(proc)
+    _wait(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ray_procs), "Ray outlived it")
