@@ -300,3 +300,14 @@ def test_a_server_starts_its_own_ray_without_its_api_keys(tmp_path, tiny_model_r
     finally:
         stop_server(proc)
     _wait(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ray_procs), "Ray outlived it")
+
+
+def test_a_task_no_node_can_hold_fails_with_the_reason(ray_settings):
+    jobs = ray_settings.jobs.model_copy(update={"ray_num_cpus": 3.0})  # 3 CPUs for its one process: the node has 2
+    with TestClient(create_app(ray_settings.model_copy(update={"jobs": jobs}))) as client:
+        _prepare(client)
+        task_id = _train(client, FAST)
+        task = wait_for(client, task_id, {"failed", "succeeded", "cancelled"}, timeout=30)
+    assert task["status"] == "failed"
+    assert "needs 3 CPUs and 0 GPUs on one node" in task["error"] and "has 2 CPUs" in task["error"], task["error"]
+    assert _gone(task_id)

@@ -11,6 +11,7 @@ of the actor always ends the worker and frees its resources. The actor is named 
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ NAMESPACE = "win-train"
 ACTOR_PREFIX = "wt-task-"
 REASON_CHARS = 600  # how much of Ray's (long) error text goes into the task's error
 TERMINATE_SLACK_SECONDS = 30.0  # how long a cancel waits for the actor's own SIGTERM/SIGKILL pass beyond the grace
+RESOURCES_TTL_SECONDS = 2.0  # the scheduler asks for the cluster's size for every queued task: ask Ray this often
 
 
 def actor_name(task_id: str) -> str:
@@ -160,6 +162,7 @@ class RayBackend:
         """Bind to settings; connect() attaches to Ray."""
         self.settings = settings
         self._owns = False
+        self._cluster: tuple[float, dict[str, float]] = (0.0, {})
 
     def connect(self) -> None:
         """Attach to jobs.ray_address, or start a private local Ray when it is null (reuses an initialized Ray)."""
@@ -176,13 +179,21 @@ class RayBackend:
         self._owns = address is None
         log.info("Ray backend attached: %s", ray.cluster_resources())
 
+    def _cluster_resources(self) -> dict[str, float]:
+        """The whole cluster's resources (cached for a moment: nodes come and go slowly)."""
+        when, resources = self._cluster
+        if time.monotonic() - when > RESOURCES_TTL_SECONDS:
+            resources = ray.cluster_resources()
+            self._cluster = (time.monotonic(), resources)
+        return resources
+
     def _cluster_gpus(self) -> int:
         """GPUs in the whole cluster."""
-        return int(ray.cluster_resources().get("GPU", 0))
+        return int(self._cluster_resources().get("GPU", 0))
 
     def capacity(self) -> int:
         """One slot per GPU in the cluster; on a CPU cluster, one per jobs.ray_num_cpus CPUs."""
-        resources = ray.cluster_resources()
+        resources = self._cluster_resources()
         gpus = int(resources.get("GPU", 0))
         if gpus:
             return gpus
@@ -204,6 +215,7 @@ class RayBackend:
         """Create the task's detached, named actor; Ray places it (and so its worker) where the resources are."""
         name = actor_name(task.id)
         resources = self.resources(task)
+        self._check_fits_a_node(resources)
         actor = RemoteTaskActor.options(
             name=name,
             namespace=NAMESPACE,
@@ -213,6 +225,19 @@ class RayBackend:
             **resources,
         ).remote(self.settings.model_dump_json(exclude={"auth"}), worker_args(task), str(log_path))
         return RayTaskHandle(actor, name, resources)
+
+    def _check_fits_a_node(self, resources: dict[str, float]) -> None:
+        """Refuse a task no single live node can hold: Ray would keep its actor pending forever."""
+        nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+        wanted = {"CPU": resources["num_cpus"], "GPU": resources["num_gpus"]}
+        if any(all(node.get(key, 0) >= amount for key, amount in wanted.items()) for node in nodes):
+            return
+        largest = {key: max((node.get(key, 0) for node in nodes), default=0) for key in wanted}
+        raise ValueError(
+            f"the task needs {wanted['CPU']:g} CPUs and {wanted['GPU']:g} GPUs on one node, but the largest node of "
+            f"the Ray cluster has {largest['CPU']:g} CPUs and {largest['GPU']:g} GPUs (jobs.ray_num_cpus is "
+            f"{self.settings.jobs.ray_num_cpus:g} per process)"
+        )
 
     def adopt(self, task: TaskRow, log_path: Path) -> RayTaskHandle | None:
         """The actor a previous server started for this task, or None when there is none."""
