@@ -42,7 +42,11 @@ QA = [
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[None]:
-    """A real local Ray head on loopback with 2 CPUs, once per module; shut down (only its own processes) after."""
+    """A real local Ray head with 2 CPUs, once per module; shut down (only its own processes) after.
+
+    Ray resolves a loopback node address to the host's own and listens on every interface; token authentication
+    (on by default for a local head in Ray 2.60) is what keeps others out.
+    """
     temp = tempfile.mkdtemp(prefix="wtray")  # short: Ray's socket paths must fit in 107 characters
     try:
         ray.init(
@@ -53,7 +57,6 @@ def ray_head() -> Iterator[None]:
             namespace=NAMESPACE,
             log_to_driver=False,
             object_store_memory=100 * 1024**2,
-            _node_ip_address="127.0.0.1",
             _temp_dir=temp,
         )
     except Exception as exc:  # report why; in CI fail rather than skip

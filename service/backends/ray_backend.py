@@ -175,7 +175,11 @@ class RayBackend:
         else:
             options["address"] = address
         with _without_secrets():
-            ray.init(**options)
+            try:
+                ray.init(**options)
+            except Exception as exc:  # ConnectionError, RuntimeError, ...: say which setting it was
+                where = "start a local Ray" if address is None else f"connect to the Ray cluster at '{address}'"
+                raise RuntimeError(f"jobs.backend is ray, but could not {where}: {exc}") from exc
         self._owns = address is None
         log.info("Ray backend attached: %s", ray.cluster_resources())
 
