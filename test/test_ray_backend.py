@@ -229,6 +229,7 @@ def test_eight_tasks_at_once_never_exceed_the_cluster_and_all_cancel(ray_setting
     jobs = ray_settings.jobs.model_copy(update={"max_concurrent_jobs": None})  # capacity from the cluster: 2 CPUs
     settings = ray_settings.model_copy(update={"jobs": jobs})
     with TestClient(create_app(settings)) as client:
+        assert client.get("/health").json()["jobs"]["slots"] == CPUS
         _prepare(client)
         body = {"strategy": "lora", "dataset_path": "sample/train.jsonl", "config": LONG}
         with ThreadPoolExecutor(8) as pool:
