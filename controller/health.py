@@ -71,7 +71,8 @@ async def health(request: Request, store: StoreDep, runner: RunnerDep) -> Health
             "active": counts["running"],
             "queued": counts["queued"],
             "total": counts["total"],
-            "slots": runner.slots,
+            # Ray: the cluster's size (asks Ray at most every few seconds, off the event loop)
+            "slots": runner.slots if runner.backend is None else await asyncio.to_thread(runner.capacity),
         },
         inference={
             **state.inference_service.stats,

@@ -7,12 +7,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from entity.task import TaskKind, TaskRow, TaskStatus
 from service import models
+from service.backends import TaskBackend, TaskHandle, make_backend
 from service.tasks import TaskStore
 from service.train.checkpoints import latest_checkpoint
 from service.worker import SETTINGS_ENV
@@ -37,9 +39,12 @@ class RunningJob:
     proc: subprocess.Popen[bytes] | None = None
     slots: int = 1
     started: float | None = None  # an adopted worker's process start time: a later process with its pid is not it
+    handle: TaskHandle | None = None  # a worker on another backend (jobs.backend: ray); pid is then 0
 
     def end_reason(self) -> str | None:
         """Why the process ended, or None while it runs."""
+        if self.handle is not None:
+            return self.handle.end_reason()
         if self.proc is None:  # adopted after a restart: not our child, so no exit status
             alive = pid_alive(self.pid) and (self.started is None or process_start(self.pid) == self.started)
             return None if alive else "worker process ended (exit status unknown after a server restart)"
@@ -119,6 +124,15 @@ def task_processes(task: TaskRow) -> int:
     return int((task.request.get("resolved") or {}).get("num_processes") or 1)
 
 
+def worker_args(task: TaskRow) -> list[str]:
+    """The `python -m` arguments of a task's worker (torchrun with one process per GPU when it is distributed)."""
+    args = ["service.worker", "--task-id", task.id]
+    processes = task_processes(task)
+    if processes > 1:
+        args = ["torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", *args]
+    return args
+
+
 def task_slots(task: TaskRow, slots: int) -> int:
     """Job slots a task takes: one per GPU it uses on a GPU server, one on CPU."""
     return min(slots, task_processes(task)) if models.gpu_count() else 1
@@ -160,11 +174,15 @@ class JobRunner:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        backend = settings.jobs.backend
+        self.backend: TaskBackend | None = None if backend == "local" else make_backend(backend, settings)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         """Recover tasks left by a previous server and start the scheduler thread."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.backend is not None:
+            self.backend.connect()
         self.recover()
         self.purge_expired()
         self._thread = threading.Thread(target=self._loop, name="job-scheduler", daemon=True)
@@ -184,6 +202,8 @@ class JobRunner:
             self._kill(job)
         with self._lock:
             self._running.clear()
+        if self.backend is not None:
+            self.backend.close()
 
     def purge_expired(self, now: float | None = None) -> int:
         """Apply jobs.retention_days: drop events of tasks finished before then, and log files untouched since.
@@ -213,6 +233,11 @@ class JobRunner:
     def recover(self) -> None:
         """Adopt live workers of running tasks; fail those whose process is gone."""
         for task in self.store.with_status(TaskStatus.running):
+            handle = self.backend.adopt(task, self.log_path(task.id)) if self.backend is not None else None
+            if handle is not None:  # a Ray actor outlives the server when the cluster is not the server's own
+                cost = self.task_cost(task)
+                self._running[task.id] = RunningJob(task.id, 0, self.log_path(task.id), slots=cost, handle=handle)
+                continue
             if task.pid and is_worker_of(task.pid, task.id, task.started_at):
                 log.info("adopting live worker pid=%s of task %s", task.pid, task.id)
                 cost = task_slots(task, self.slots)
@@ -271,6 +296,8 @@ class JobRunner:
                 self._kill(job)
             elif task.pid and is_worker_of(task.pid, task_id, task.started_at):
                 self._kill(RunningJob(task_id, task.pid, self.log_path(task_id)))
+            elif self.backend is not None:  # a Ray task this runner does not track: find its actor by name
+                self.backend.kill_orphan(task, self.settings.jobs.cancel_grace_seconds)
             if moved:
                 self._wake.set()
                 return self.store.get(task_id)
@@ -279,6 +306,12 @@ class JobRunner:
             f"Task '{task_id}' is already {task.status}; only queued or running tasks can be cancelled.",
             details={"task_id": task_id, "status": task.status},
         )
+
+    def signal_worker(self, task_id: str, signum: int) -> bool:
+        """Signal the worker of a task running on a backend (Ray); False when this runner has no such worker."""
+        with self._lock:
+            job = self._running.get(task_id)
+        return job is not None and job.handle is not None and job.handle.signal(signum)
 
     def log_path(self, task_id: str) -> Path:
         """Where a task's child writes its stdout and stderr."""
@@ -303,9 +336,9 @@ class JobRunner:
         """One scheduling pass: reap, then fill free slots in queue order."""
         self._reap()
         with self._lock:
-            free = self.slots - sum(job.slots for job in self._running.values())
+            free = self.capacity() - sum(job.slots for job in self._running.values())
         for task in self.store.with_status(TaskStatus.queued):
-            cost = task_slots(task, self.slots)
+            cost = self.task_cost(task)
             if cost > free:
                 break  # first come, first served: a 2-GPU task waits for 2 free GPUs, nothing jumps ahead
             self._spawn(task, cost)
@@ -317,13 +350,25 @@ class JobRunner:
             # Only fires if the child died without recording its own outcome.
             self.store.move(job.task_id, TaskStatus.failed, (TaskStatus.running,), reason, error=error)
 
+    def capacity(self) -> int:
+        """Job slots: jobs.max_concurrent_jobs, else the backend's (Ray: the cluster's GPUs or CPUs), else local."""
+        if self.backend is not None and not self.settings.jobs.max_concurrent_jobs:
+            return self.backend.capacity()
+        return self.slots
+
+    def task_cost(self, task: TaskRow) -> int:
+        """Job slots a task takes."""
+        if self.backend is not None:
+            return min(self.backend.cost(task), self.capacity())
+        return task_slots(task, self.slots)
+
     def _spawn(self, task: TaskRow, cost: int = 1) -> None:
         """Start a child process for a queued task (torchrun with one process per GPU when it is distributed)."""
+        if self.backend is not None:
+            self._start_on_backend(task, cost)
+            return
         log_path = self.log_path(task.id)
-        args = ["service.worker", "--task-id", task.id]
-        processes = task_processes(task)
-        if processes > 1:
-            args = ["torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", *args]
+        args = worker_args(task)
         with self._lock:
             # Claim the task before starting; the lock keeps a concurrent cancel from slipping between.
             if not self.store.transition(task.id, TaskStatus.running, (TaskStatus.queued,)):
@@ -340,8 +385,28 @@ class JobRunner:
         self.store.add_event(task.id, "status", "running", {"status": "running", "pid": proc.pid})
         log.info("started task %s (%s) as pid %s", task.id, task.kind, proc.pid)
 
+    def _start_on_backend(self, task: TaskRow, cost: int) -> None:
+        """Claim a queued task and start its worker on the configured backend (a Ray actor)."""
+        log_path = self.log_path(task.id)
+        assert self.backend is not None
+        with self._lock:
+            if not self.store.transition(task.id, TaskStatus.running, (TaskStatus.queued,)):
+                return
+            try:
+                handle = self.backend.start(task, log_path)
+            except Exception as exc:  # noqa: BLE001 - any backend failure fails this task, not the scheduler
+                error = f"could not start worker on the {self.settings.jobs.backend} backend: {exc}"
+                self.store.transition(task.id, TaskStatus.failed, (TaskStatus.running,), error=error)
+                return
+            self._running[task.id] = RunningJob(task.id, 0, log_path, slots=cost, handle=handle)
+        self.store.add_event(task.id, "status", "running", {"status": "running", **handle.describe()})
+        log.info("started task %s (%s) on %s", task.id, task.kind, handle.describe())
+
     def _kill(self, job: RunningJob) -> None:
         """Terminate a child's whole process group: SIGTERM, then SIGKILL after the grace period."""
+        if job.handle is not None:
+            job.handle.kill(self.settings.jobs.cancel_grace_seconds)
+            return
         terminate_group(job.pid, job.proc, self.settings.jobs.cancel_grace_seconds)
 
 
@@ -385,7 +450,9 @@ def nice_prefix(nice: int) -> list[str]:
     return ["nice", "-n", str(nice)]
 
 
-def spawn_worker(settings: Settings, module_args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    settings: Settings, module_args: list[str], log_path: Path, preexec_fn: Callable[[], None] | None = None
+) -> subprocess.Popen[bytes]:
     """Start `python -m <module> <args>` in its own process group (without the API keys), output to log_path."""
     env = {
         **worker_environment(),
@@ -406,6 +473,7 @@ def spawn_worker(settings: Settings, module_args: list[str], log_path: Path) -> 
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group, so cancel can kill all of it
+            preexec_fn=preexec_fn,
         )
 
 

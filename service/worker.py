@@ -1,6 +1,7 @@
 """Entry point of a task's child process: `python -m service.worker --task-id ID`."""
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -16,6 +17,8 @@ from util.settings import Settings
 
 TRACEBACK_LINES = 30
 SETTINGS_ENV = "WT_SETTINGS_JSON"  # how service.jobs.spawn_worker hands the settings to a worker process
+DIE_WITH_PARENT_ENV = "WT_DIE_WITH_PARENT"  # set: the worker gets SIGKILL when its parent dies (Ray actors)
+PR_SET_PDEATHSIG = 1
 
 Handler = Callable[[Settings, TaskStore, str, dict[str, Any]], dict[str, Any]]
 
@@ -57,8 +60,20 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated("worker process received SIGTERM")
 
 
+def die_with_parent() -> None:
+    """Receive SIGKILL when the parent process dies (Linux prctl; a no-op elsewhere), so no worker is orphaned."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+
+
 def start_worker_process() -> Settings:
     """The settings the server passed (service.jobs.spawn_worker), logging set up, SIGTERM raising Terminated."""
+    if os.environ.get(DIE_WITH_PARENT_ENV):  # a rank under torchrun: end with torchrun, which ends with its actor
+        die_with_parent()
+        if os.getppid() == 1:
+            sys.exit(143)  # the parent was already gone
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _on_sigterm)

@@ -1,14 +1,23 @@
 """Distributed training through the service: a real 2-process DDP run (torchrun, gloo on CPU)."""
 
 import json
+import shutil
+import subprocess
+import sys
 import time
 
 import psutil
 import pytest
 
-from conftest import SAMPLE, wait_for
-from entity.task import TaskRow
+from conftest import SAMPLE, free_port, wait_for
+from entity.task import TaskRow, TaskStatus
+from entity.train import TrainRequest
 from service import jobs
+from service.jobs import JobRunner, worker_environment
+from service.tasks import TaskStore
+from service.train.service import TrainService
+from service.worker import SETTINGS_ENV
+from util.settings import PROJECT_ROOT
 
 FAST = {"max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "save_steps": 100, "num_gpus": 2}
 
@@ -92,3 +101,40 @@ def test_fsdp_without_gpus_is_422(client):
     }
     r = client.post("/api/train/start", json=body)
     assert r.status_code == 422 and "FSDP needs CUDA" in r.json()["error"]["message"]
+
+
+def test_two_nodes_meet_by_c10d_rendezvous_and_run_one_task(settings):
+    """Multi-node on CPU: two torchrun "nodes" of one rank each meet on loopback (c10d) and train one task once."""
+    (settings.data_dir / "uploads").mkdir(parents=True)
+    shutil.copy(SAMPLE, settings.data_dir / "uploads" / "train_sample.json")
+    store = TaskStore(settings.paths.db_path)
+    # A runner that is never started: no scheduler claims the task; the two "nodes" below run it, as on paper.
+    config = {**FAST, "num_gpus": 1}
+    req = TrainRequest(strategy="lora", dataset_path="uploads/train_sample.json", config=config)
+    task = TrainService(settings, JobRunner(settings, store)).start(req)
+    assert store.transition(task.id, TaskStatus.running, (TaskStatus.queued,))
+    env = {**worker_environment(), SETTINGS_ENV: settings.model_dump_json(exclude={"auth"}), "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    nodes = []
+    for node in range(2):
+        log = (settings.data_dir / f"node{node}.log").open("wb")
+        cmd = [
+            *(sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"),
+            *("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", task.id),
+            *("--local-addr", "127.0.0.1", "-m", "service.worker", "--task-id", task.id),
+        ]
+        nodes.append(subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        codes = [proc.wait(timeout=300) for proc in nodes]
+    finally:
+        for proc in nodes:
+            proc.kill() if proc.poll() is None else None
+    logs = "\n".join((settings.data_dir / f"node{n}.log").read_text(errors="replace")[-3000:] for n in range(2))
+    assert codes == [0, 0], logs
+    done = store.get(task.id)
+    assert done.status == TaskStatus.succeeded, done.error
+    out = settings.model_dir / "outputs" / task.id
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["world_size"] == 2 and args["sft_config"]["ddp_backend"] == "gloo"
+    steps = [e.data["step"] for e in store.events(task.id, 0, 1000) if e.type == "metrics"]
+    assert steps == [1, 2, 3, 4]  # one rank reports, once per step

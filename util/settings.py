@@ -47,6 +47,9 @@ class JobSettings(BaseModel):
     wait_timeout_seconds: float = Field(600.0, gt=0)
     worker_nice: int = Field(10, ge=0, le=19)
     retention_days: float | None = Field(30.0, gt=0)
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    ray_num_cpus: float = Field(1.0, gt=0)
 
 
 Tracker = Literal["none", "tensorboard", "mlflow", "wandb"]

@@ -369,7 +369,9 @@ class FineTuningService:
                 task.id, TaskStatus.paused, (status,), "paused: saving a checkpoint", finished_at=None
             ):
                 task = self.store.get(task.id)
-                if status == TaskStatus.running and task.pid and is_worker_of(task.pid, task.id):
+                if status == TaskStatus.running and self.runner.signal_worker(task.id, PAUSE_SIGNAL):
+                    pass  # a Ray task: its actor relayed the signal to the worker
+                elif status == TaskStatus.running and task.pid and is_worker_of(task.pid, task.id):
                     os.kill(task.pid, PAUSE_SIGNAL)  # the worker saves at its next step end and exits
                 return self.to_job(task)
         task = self.store.get(task.id)
