@@ -3,6 +3,7 @@
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -155,6 +156,8 @@ class JobRunner:
         self.store = store
         self.slots = settings.jobs.max_concurrent_jobs or default_slots()
         self.log_dir = settings.data_dir / "logs"
+        # Who claims tasks: servers sharing one store each run (and adopt, and kill) only the tasks they claimed.
+        self.owner = settings.jobs.scheduler_id or f"{socket.gethostname()}:{settings.server.port}"
         self._running: dict[str, RunningJob] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -211,8 +214,13 @@ class JobRunner:
         return removed
 
     def recover(self) -> None:
-        """Adopt live workers of running tasks; fail those whose process is gone."""
+        """Adopt live workers of this scheduler's running tasks; fail those whose process is gone.
+
+        Tasks another scheduler (another server on the same store) claimed are left to it.
+        """
         for task in self.store.with_status(TaskStatus.running):
+            if task.owner not in (None, self.owner):
+                continue
             if task.pid and is_worker_of(task.pid, task.id, task.started_at):
                 log.info("adopting live worker pid=%s of task %s", task.pid, task.id)
                 cost = task_slots(task, self.slots)
@@ -262,7 +270,12 @@ class JobRunner:
             if self.store.move(task_id, TaskStatus.cancelled, (TaskStatus.queued,)):
                 return self.store.get(task_id)
             task = self.store.get(task_id)
-        if task.status == TaskStatus.running:
+        if task.status == TaskStatus.running and task.owner not in (None, self.owner):
+            # Another server's scheduler runs it: mark it cancelled and flag it; that scheduler kills the worker.
+            if self.store.request_cancel(task_id):
+                return self.store.get(task_id)
+            task = self.store.get(task_id)
+        elif task.status == TaskStatus.running:
             with self._lock:
                 # Mark first so the reaper does not report the kill as a crash.
                 moved = self.store.move(task_id, TaskStatus.cancelled, (TaskStatus.running,))
@@ -300,16 +313,28 @@ class JobRunner:
             self._wake.clear()
 
     def tick(self) -> None:
-        """One scheduling pass: reap, then fill free slots in queue order."""
+        """One scheduling pass: reap, carry out cancels sent to other servers, then claim tasks for free slots."""
         self._reap()
+        self._carry_out_cancels()
+        while not self._stop.is_set():
+            with self._lock:
+                free = self.slots - sum(job.slots for job in self._running.values())
+                # First come, first served: a 2-GPU task waits for 2 free GPUs, nothing jumps ahead of it.
+                task = self.store.claim_next(self.owner, lambda t, free=free: task_slots(t, self.slots) <= free)
+                if task is None:
+                    return
+                self._spawn(task, task_slots(task, self.slots))
+
+    def _carry_out_cancels(self) -> None:
+        """Kill the workers of our tasks that a cancel sent to another server marked (tasks.cancel_requested)."""
         with self._lock:
-            free = self.slots - sum(job.slots for job in self._running.values())
-        for task in self.store.with_status(TaskStatus.queued):
-            cost = task_slots(task, self.slots)
-            if cost > free:
-                break  # first come, first served: a 2-GPU task waits for 2 free GPUs, nothing jumps ahead
-            self._spawn(task, cost)
-            free -= cost
+            ids = list(self._running)
+        for task_id in self.store.cancel_requests(ids):
+            with self._lock:
+                job = self._running.pop(task_id, None)
+            if job is not None:
+                log.info("cancel of task %s requested through another server; killing pid %s", task_id, job.pid)
+                self._kill(job)
 
     def _reap(self) -> None:
         """Record the end of every child that has exited."""
@@ -318,16 +343,14 @@ class JobRunner:
             self.store.move(job.task_id, TaskStatus.failed, (TaskStatus.running,), reason, error=error)
 
     def _spawn(self, task: TaskRow, cost: int = 1) -> None:
-        """Start a child process for a queued task (torchrun with one process per GPU when it is distributed)."""
+        """Start a child process for a task this scheduler claimed (torchrun, one process per GPU, if distributed)."""
         log_path = self.log_path(task.id)
         args = ["service.worker", "--task-id", task.id]
         processes = task_processes(task)
         if processes > 1:
             args = ["torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", *args]
         with self._lock:
-            # Claim the task before starting; the lock keeps a concurrent cancel from slipping between.
-            if not self.store.transition(task.id, TaskStatus.running, (TaskStatus.queued,)):
-                return
+            # Claimed in tick under the same lock, so a concurrent cancel on this server cannot slip between.
             try:
                 proc = spawn_worker(self.settings, args, log_path)
             except OSError as exc:

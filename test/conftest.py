@@ -22,7 +22,7 @@ from util.settings import PROJECT_ROOT, Settings, load_settings
 REAL_BASE = PROJECT_ROOT / "model" / "base" / "SmolLM2-135M-Instruct"
 SAMPLE = PROJECT_ROOT / "test" / "data" / "train_sample.json"
 TINY_NAME = "tiny-llama"
-pytest_plugins = ["browser"]  # the Chromium fixtures of test/browser.py
+pytest_plugins = ["browser", "pg"]  # Chromium fixtures (test/browser.py), PostgreSQL fixtures (test/pg.py)
 
 
 @pytest.fixture(scope="session")
