@@ -32,7 +32,8 @@ def database_url(target: str | Path) -> str:
 
 def is_postgres(bind: Engine | Connection | Session) -> bool:
     """Whether the engine (or a session's connection) speaks PostgreSQL."""
-    return bind.get_bind().dialect.name == "postgresql" if isinstance(bind, Session) else bind.dialect.name == "postgresql"
+    dialect = bind.get_bind().dialect if isinstance(bind, Session) else bind.dialect
+    return dialect.name == "postgresql"
 
 
 def make_engine(target: str | Path, migrate: bool = True) -> Engine:

@@ -18,9 +18,7 @@ def upgrade() -> None:
     """Add tasks.owner and tasks.cancel_requested (existing rows: no owner, no cancel pending)."""
     with op.batch_alter_table("tasks") as batch:
         batch.add_column(sa.Column("owner", sa.String(128), nullable=True))
-        batch.add_column(
-            sa.Column("cancel_requested", sa.Boolean(), nullable=False, server_default=sa.false())
-        )
+        batch.add_column(sa.Column("cancel_requested", sa.Boolean(), nullable=False, server_default=sa.false()))
         batch.create_index("ix_tasks_owner", ["owner"])
 
 
