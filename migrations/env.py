@@ -2,7 +2,8 @@
 
 from alembic import context
 
-import entity.runs  # noqa: F401  - registers the run tables on the shared metadata
+import entity.fine_tuning
+import entity.runs  # noqa: F401  - registers the run tables
 from entity.task import Base
 
 target_metadata = Base.metadata

@@ -123,7 +123,14 @@ def _migration_lock(engine: Engine) -> Iterator[Connection]:
         if fh is not None:
             fcntl.flock(fh, fcntl.LOCK_EX)
         with engine.connect() as conn:
-            yield conn
+            # A migration that rebuilds a table (SQLite's move-and-copy) drops the old one: with foreign keys on,
+            # that would cascade into its children (a task's events). Off for the migration; on again after.
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            try:
+                yield conn
+            finally:
+                conn.rollback()
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
     finally:
         if fh is not None:
             fcntl.flock(fh, fcntl.LOCK_UN)
@@ -131,11 +138,11 @@ def _migration_lock(engine: Engine) -> Iterator[Connection]:
 
 
 def upgrade(engine: Engine) -> str:
-    """Bring the schema to the newest migration and return the revision it started from ('' for an empty store).
+    """Bring the schema to the newest migration; return the revision it started from ('' for an empty store).
 
-    A store from the release before migrations (its tables, no alembic_version) is stamped at the baseline
-    revision first, so the later migrations upgrade it in place and keep its rows. Concurrent callers (several
-    servers, a worker starting) take turns; each finds the work done by the first.
+    A store from the release before migrations (its tables, no alembic_version) goes through the baseline
+    revision, which only adds the tables it lacks, and then the later ones, which upgrade it in place and keep
+    its rows. Concurrent callers (several servers, a worker starting) take turns; each finds the work done.
     """
     head = head_revision()
     if current_revision(engine) == head:
@@ -144,13 +151,10 @@ def upgrade(engine: Engine) -> str:
         current = MigrationContext.configure(conn).get_current_revision()
         if current == head:
             return head
-        cfg = alembic_config(conn)
         if current is None and inspect(conn).has_table("tasks"):
-            log.info("stamping a store made before migrations at revision %s", BASELINE_REVISION)
-            command.stamp(cfg, BASELINE_REVISION)
-            conn.commit()
-            current = BASELINE_REVISION
-        command.upgrade(cfg, "head")
+            # The baseline revision creates only the tables such a store lacks, then the later ones upgrade it.
+            log.info("upgrading a task store made before migrations; its rows are kept")
+        command.upgrade(alembic_config(conn), "head")
         conn.commit()
         log.info("task store migrated from %s to %s", current or "empty", head)
         return current or ""

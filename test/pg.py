@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-REQUIRE_ENV = "WT_REQUIRE_POSTGRES"  # set by .ci/run: there a missing PostgreSQL fails instead of skipping
+from util.settings import DatabaseSettings, Settings
+
+REQUIRE_ENV = "WINTRAIN_REQUIRE_POSTGRES"  # set by .ci/run: there a missing PostgreSQL fails instead of skipping
 
 
 def pg_bindir() -> Path | None:
@@ -92,3 +94,12 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
     return create_database(request.getfixturevalue("pg_server"))
+
+
+def with_database(settings: Settings, url: str) -> Settings:
+    """The same settings with the task store at `url`."""
+    return settings.model_copy(update={"database": DatabaseSettings(url=url)})
+
+
+# Run a test that uses the `settings` (or `client`) fixture once on SQLite and once on PostgreSQL.
+both_backends = pytest.mark.parametrize("settings", ["sqlite", "postgresql"], indirect=True)

@@ -1,4 +1,7 @@
-"""The schema of the release before migrations: tasks, their events, runs, run jobs and checkpoints.
+"""The schema of the release before migrations: tasks and events, runs, run jobs, checkpoints, OpenAI files.
+
+That release created tables as the processes that opened the store knew them, so a store it made may lack some:
+this revision creates each table only where it is missing, and so both starts a new store and completes an old one.
 
 Revision ID: 0001
 Revises:
@@ -17,8 +20,16 @@ TZ = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
-    """Create the tables as the release without migrations made them."""
-    op.create_table(
+    """Create the tables (those missing) as the release without migrations made them."""
+    existing = set(sa.inspect(op.get_bind()).get_table_names())
+
+    def create_table(name: str, *columns: sa.Column) -> bool:
+        if name in existing:
+            return False
+        op.create_table(name, *columns)
+        return True
+
+    create_table(
         "tasks",
         sa.Column("id", sa.String(32), primary_key=True),
         sa.Column("kind", sa.String(16), nullable=False, index=True),
@@ -40,7 +51,7 @@ def upgrade() -> None:
         sa.Column("started_at", TZ),
         sa.Column("finished_at", TZ),
     )
-    op.create_table(
+    create_table(
         "task_events",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
         sa.Column("task_id", sa.String(32), sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False, index=True),
@@ -50,7 +61,7 @@ def upgrade() -> None:
         sa.Column("message", sa.Text()),
         sa.Column("data", sa.JSON()),
     )
-    op.create_table(
+    create_table(
         "runs",
         sa.Column("id", sa.String(32), primary_key=True),
         sa.Column("status", sa.String(16), nullable=False, index=True),
@@ -69,7 +80,7 @@ def upgrade() -> None:
         sa.Column("created_at", TZ, nullable=False),
         sa.Column("last_used_at", TZ, nullable=False),
     )
-    op.create_table(
+    made_jobs = create_table(
         "run_jobs",
         sa.Column("seq", sa.Integer(), primary_key=True, autoincrement=True),
         sa.Column("id", sa.String(32), nullable=False, unique=False),
@@ -83,8 +94,9 @@ def upgrade() -> None:
         sa.Column("started_at", TZ),
         sa.Column("finished_at", TZ),
     )
-    op.create_index("ix_run_jobs_id", "run_jobs", ["id"], unique=True)
-    op.create_table(
+    if made_jobs:
+        op.create_index("ix_run_jobs_id", "run_jobs", ["id"], unique=True)
+    create_table(
         "run_checkpoints",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
         sa.Column("run_id", sa.String(32), nullable=False, index=True),
@@ -93,9 +105,21 @@ def upgrade() -> None:
         sa.Column("step", sa.Integer(), nullable=False),
         sa.Column("created_at", TZ, nullable=False),
     )
+    create_table(
+        "openai_files",
+        sa.Column("id", sa.String(48), primary_key=True),
+        sa.Column("filename", sa.Text(), nullable=False),
+        sa.Column("purpose", sa.String(32), nullable=False, index=True),
+        sa.Column("bytes", sa.Integer(), nullable=False),
+        sa.Column("created_at", sa.Integer(), nullable=False, index=True),
+        sa.Column("path", sa.Text(), nullable=False),
+        sa.Column("kind", sa.String(16)),
+        sa.Column("records", sa.Integer(), nullable=False),
+        sa.Column("job_id", sa.String(32), index=True),
+    )
 
 
 def downgrade() -> None:
     """Drop every table."""
-    for table in ("run_checkpoints", "run_jobs", "runs", "task_events", "tasks"):
+    for table in ("openai_files", "run_checkpoints", "run_jobs", "runs", "task_events", "tasks"):
         op.drop_table(table)

@@ -16,15 +16,14 @@ depends_on = None
 
 def upgrade() -> None:
     """Add tasks.owner and tasks.cancel_requested (existing rows: no owner, no cancel pending)."""
-    with op.batch_alter_table("tasks") as batch:
-        batch.add_column(sa.Column("owner", sa.String(128), nullable=True))
-        batch.add_column(sa.Column("cancel_requested", sa.Boolean(), nullable=False, server_default=sa.false()))
-        batch.create_index("ix_tasks_owner", ["owner"])
+    op.add_column("tasks", sa.Column("owner", sa.String(128), nullable=True))
+    op.add_column("tasks", sa.Column("cancel_requested", sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.create_index("ix_tasks_owner", "tasks", ["owner"])
 
 
 def downgrade() -> None:
     """Drop the two columns."""
+    op.drop_index("ix_tasks_owner", "tasks")
     with op.batch_alter_table("tasks") as batch:
-        batch.drop_index("ix_tasks_owner")
         batch.drop_column("cancel_requested")
         batch.drop_column("owner")

@@ -1,0 +1,156 @@
+"""The task store on SQLite and PostgreSQL: migrations, upgrading a store made before them, atomic limits, claiming."""
+
+import sqlite3
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from pg import with_database
+
+from conftest import PROJECT_ROOT
+from entity.task import Base, TaskKind, TaskStatus
+from service import jobs
+from service.db import BASELINE_REVISION, current_revision, head_revision, make_engine
+from service.jobs import JobRunner
+from service.tasks import QueueFullError, TaskStore
+from util.errors import ConflictError, InvalidInputError
+
+LEGACY_SCHEMA = PROJECT_ROOT / "test" / "data" / "legacy_tasks_schema.sql"
+
+
+def test_migrations_build_exactly_the_models_schema(store_url):
+    store = TaskStore(store_url)
+    assert current_revision(store.engine) == head_revision()
+    with store.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def test_a_store_made_before_migrations_upgrades_in_place(tmp_path):
+    db = tmp_path / "tasks.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(LEGACY_SCHEMA.read_text())
+        conn.execute(
+            "INSERT INTO tasks (id, kind, status, request, progress, current_step, created_at, finished_at, metrics)"
+            " VALUES ('a' , 'train', 'succeeded', '{\"x\": 1}', 100.0, 6, '2026-11-24 10:00:00.000000',"
+            " '2026-11-24 10:05:00.000000', '{\"loss\": 0.5}')"
+        )
+        conn.execute(
+            "INSERT INTO tasks (id, kind, status, request, progress, current_step, created_at)"
+            " VALUES ('b', 'eval', 'queued', '{}', 0.0, 0, '2026-11-24 11:00:00.000000')"
+        )
+        conn.execute(
+            "INSERT INTO task_events (task_id, created_at, type, level, message) "
+            "VALUES ('a', '2026-11-24 10:05:00.000000', 'status', 'info', 'succeeded')"
+        )
+    store = TaskStore(db)
+    assert current_revision(store.engine) == head_revision() != BASELINE_REVISION
+    old = store.get("a")
+    assert (old.status, old.request, old.metrics, old.current_step) == ("succeeded", {"x": 1}, {"loss": 0.5}, 6)
+    assert old.created_at.tzinfo is not None and old.owner is None and old.cancel_requested is False
+    assert [e.message for e in store.events("a")] == ["succeeded"]
+    claimed = store.claim_next("me")  # the old queued task runs on the upgraded store
+    assert claimed is not None and claimed.id == "b" and store.get("b").owner == "me"
+    assert TaskStore(db).counts()["total"] == 2  # opening it again changes nothing
+
+
+def test_a_bad_database_url_is_refused(tmp_path):
+    with pytest.raises(InvalidInputError, match="sqlite:// or postgresql"):
+        make_engine("mysql://x@127.0.0.1/db")
+
+
+def test_limits_hold_under_8_concurrent_creates(store_url):
+    store = TaskStore(store_url)
+    barrier = threading.Barrier(8)
+
+    def create(i: int) -> str:
+        barrier.wait()
+        try:
+            store.create(TaskKind.train, {"i": i}, output_dir="/out/same" if i % 2 else None, max_queued=3)
+            return "ok"
+        except ConflictError:
+            return "busy"
+        except QueueFullError:
+            return "full"
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(create, range(8)))
+    assert results.count("ok") == 3, results
+    assert store.counts()["queued"] == 3
+    assert len(store.active_with_output("/out/same")) <= 1
+
+
+def test_concurrent_claims_take_each_task_exactly_once(store_url):
+    store = TaskStore(store_url)
+    ids = {store.create(TaskKind.eval, {"n": n}).id for n in range(24)}
+    schedulers = [TaskStore(store_url) for _ in range(2)]  # two processes' worth of engines
+    claims: list[tuple[str, str]] = []
+    barrier = threading.Barrier(8)
+
+    def claim_all(k: int) -> None:
+        owner = f"s{k % 2}"
+        barrier.wait()
+        while (task := schedulers[k % 2].claim_next(owner)) is not None:
+            claims.append((task.id, owner))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(claim_all, range(8)))
+    assert sorted(i for i, _ in claims) == sorted(ids)
+    for task_id, owner in claims:
+        row = store.get(task_id)
+        assert (row.status, row.owner) == (TaskStatus.running, owner) and row.started_at is not None
+    assert store.claim_next("late") is None
+
+
+def test_claim_respects_fits_and_a_cancel(store_url):
+    store = TaskStore(store_url)
+    first = store.create(TaskKind.train, {"big": True})
+    second = store.create(TaskKind.train, {})
+    assert store.claim_next("a", fits=lambda t: not t.request.get("big")) is None  # nothing jumps the queue
+    assert store.get(first.id).status == TaskStatus.queued
+    assert store.transition(first.id, TaskStatus.cancelled, (TaskStatus.queued,))
+    assert store.claim_next("a").id == second.id
+
+
+def test_two_job_runners_on_one_store_never_start_the_same_task(settings, store_url, monkeypatch):
+    started: list[tuple[str, str]] = []
+
+    def fake_spawn(settings_, args, log_path):
+        started.append((args[args.index("--task-id") + 1], settings_.jobs.scheduler_id))
+        return subprocess.Popen([sys.executable, "-c", "pass"])
+
+    monkeypatch.setattr(jobs, "spawn_worker", fake_spawn)
+    runners = []
+    for name in ("left", "right"):
+        jobs_settings = settings.jobs.model_copy(update={"scheduler_id": name, "max_concurrent_jobs": 3})
+        runners.append(
+            JobRunner(
+                with_database(settings, store_url).model_copy(update={"jobs": jobs_settings}), TaskStore(store_url)
+            )
+        )
+    store = TaskStore(store_url)
+    ids = [runners[n % 2].submit(TaskKind.eval, {"n": n}).id for n in range(12)]
+    barrier = threading.Barrier(2)
+
+    def drive(runner: JobRunner) -> None:
+        barrier.wait()
+        for _ in range(40):
+            runner.tick()
+            if not store.with_status(TaskStatus.queued):
+                break
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(drive, runners))
+    for runner in runners:
+        for job in runner._running.values():
+            job.proc.wait()
+        runner.tick()  # reap
+    assert sorted(t for t, _ in started) == sorted(ids)  # each task started once, by one of the two
+    owners = {store.get(t).owner for t in ids}
+    assert owners <= {"left", "right"}
+    for task_id in ids:
+        running_events = [e for e in store.events(task_id) if (e.data or {}).get("status") == "running"]
+        assert len(running_events) == 1
