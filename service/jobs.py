@@ -105,6 +105,11 @@ def is_worker_of(pid: int, ident: str, not_before: datetime | None = None, flag:
     return True
 
 
+def scheduler_owner(settings: Settings) -> str:
+    """The owner name of the tasks and runs a server starts: jobs.scheduler_id, else host:port."""
+    return settings.jobs.scheduler_id or f"{socket.gethostname()}:{settings.server.port}"
+
+
 def default_slots() -> int:
     """One job per GPU, or one on CPU."""
     try:
@@ -157,7 +162,7 @@ class JobRunner:
         self.slots = settings.jobs.max_concurrent_jobs or default_slots()
         self.log_dir = settings.data_dir / "logs"
         # Who claims tasks: servers sharing one store each run (and adopt, and kill) only the tasks they claimed.
-        self.owner = settings.jobs.scheduler_id or f"{socket.gethostname()}:{settings.server.port}"
+        self.owner = scheduler_owner(settings)
         self._running: dict[str, RunningJob] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()

@@ -12,7 +12,7 @@ from alembic.runtime.migration import MigrationContext
 from pg import with_database
 
 from conftest import PROJECT_ROOT
-from entity.task import Base, TaskKind, TaskStatus
+from entity.task import Base, TaskKind, TaskStatus, utcnow
 from service import jobs
 from service.db import BASELINE_REVISION, current_revision, head_revision, make_engine
 from service.jobs import JobRunner
@@ -154,3 +154,59 @@ def test_two_job_runners_on_one_store_never_start_the_same_task(settings, store_
     for task_id in ids:
         running_events = [e for e in store.events(task_id) if (e.data or {}).get("status") == "running"]
         assert len(running_events) == 1
+
+
+def test_a_scheduler_recovers_only_its_own_tasks(settings, store_url):
+    def runner(name: str) -> JobRunner:
+        jobs_settings = settings.jobs.model_copy(update={"scheduler_id": name})
+        return JobRunner(with_database(settings, store_url).model_copy(update={"jobs": jobs_settings}), store)
+
+    store = TaskStore(store_url)
+    mine = store.create(TaskKind.eval, {})
+    assert store.claim_next("server-a").id == mine.id
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.set_pid(mine.id, dead.pid)
+    runner("server-b").recover()  # another server starting leaves server-a's task alone
+    assert store.get(mine.id).status == TaskStatus.running
+    runner("server-a").recover()  # server-a restarting applies the adopt-or-fail rule to it
+    row = store.get(mine.id)
+    assert row.status == TaskStatus.failed and row.error == jobs.RESTART_ERROR
+
+
+def test_a_server_adopts_or_fails_only_its_own_runs(settings, store_url):
+    from entity.runs import RunRow, RunStatus
+    from service.runs import RunService
+
+    def service(name: str) -> RunService:
+        jobs_settings = settings.jobs.model_copy(update={"scheduler_id": name})
+        return RunService(with_database(settings, store_url).model_copy(update={"jobs": jobs_settings}), store)
+
+    store = TaskStore(store_url)
+    runs = service("server-a").store
+    now = utcnow()
+    row = RunRow(
+        id="r1",
+        status=RunStatus.ready,
+        base_model="m",
+        base_path="/m",
+        lora={},
+        seed=0,
+        vocab_size=8,
+        resume_optimizer=1,
+        pending_grads=0,
+        steps=0,
+        pid=2**22 + 7,
+        owner="server-a",
+        created_at=now,
+        last_used_at=now,
+    )
+    runs.add_run(row)
+    other = service("server-b")
+    other.start()
+    other.stop()
+    assert runs.get_run("r1").status == RunStatus.ready  # another server starting leaves it alone
+    own = service("server-a")
+    own.start()
+    own.stop()
+    assert runs.get_run("r1").status == RunStatus.failed  # its own server's restart: the worker is gone
