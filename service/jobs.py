@@ -221,8 +221,14 @@ class JobRunner:
     def recover(self) -> None:
         """Adopt live workers of this scheduler's running tasks; fail those whose process is gone.
 
-        Tasks another scheduler (another server on the same store) claimed are left to it.
+        Tasks another scheduler (another server on the same store) claimed are left to it. A cancel another
+        server recorded while this one was down is carried out now: a still-live worker of it is killed.
         """
+        for task in self.store.owned_cancel_requests(self.owner):
+            if task.pid and is_worker_of(task.pid, task.id, task.started_at):
+                log.info("carrying out the cancel of task %s sent while this server was down", task.id)
+                self._kill(RunningJob(task.id, task.pid, self.log_path(task.id)))
+            self.store.cancel_requests([task.id])
         for task in self.store.with_status(TaskStatus.running):
             if task.owner not in (None, self.owner):
                 continue

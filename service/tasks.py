@@ -228,6 +228,9 @@ class TaskStore:
         a cancel cannot slip between the read and the update. Returns the claimed task, or None.
         """
         query = select(TaskRow).where(TaskRow.status == TaskStatus.queued).order_by(TaskRow.created_at, TaskRow.id)
+        with self.session() as s:  # an idle queue costs a plain read, not the write lock
+            if s.scalar(select(TaskRow.id).where(TaskRow.status == TaskStatus.queued).limit(1)) is None:
+                return None
         with self.session() as s:
             if is_postgres(s):
                 query = query.limit(1).with_for_update(skip_locked=True)
@@ -258,6 +261,12 @@ class TaskStore:
         if moved:
             self.add_event(task_id, "status", "cancelled", {"status": TaskStatus.cancelled.value})
         return moved
+
+    def owned_cancel_requests(self, owner: str) -> list[TaskRow]:
+        """Tasks of `owner` whose cancel, sent to another server, the owner has not carried out yet."""
+        query = select(TaskRow).where(TaskRow.owner == owner, TaskRow.cancel_requested)
+        with self.session() as s:
+            return list(s.scalars(query))
 
     def cancel_requests(self, task_ids: list[str]) -> list[str]:
         """Which of these tasks have a cancel pending for their owner (cleared as they are returned)."""

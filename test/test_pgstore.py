@@ -210,3 +210,23 @@ def test_a_server_adopts_or_fails_only_its_own_runs(settings, store_url):
     own.start()
     own.stop()
     assert runs.get_run("r1").status == RunStatus.failed  # its own server's restart: the worker is gone
+
+
+def test_a_cancel_sent_while_the_owner_was_down_is_carried_out_when_it_restarts(settings, store_url):
+    from test_tasks import fake_worker, spawn_ready
+
+    store = TaskStore(store_url)
+    task = store.create(TaskKind.eval, {})
+    assert store.claim_next("server-a").id == task.id
+    proc = spawn_ready(fake_worker(task.id), start_new_session=True)
+    try:
+        store.set_pid(task.id, proc.pid)
+        assert store.request_cancel(task.id)  # through server-b while server-a is down
+        jobs_settings = settings.jobs.model_copy(update={"scheduler_id": "server-a", "cancel_grace_seconds": 1.0})
+        JobRunner(with_database(settings, store_url).model_copy(update={"jobs": jobs_settings}), store).recover()
+        assert proc.wait(timeout=10) is not None
+        row = store.get(task.id)
+        assert row.status == TaskStatus.cancelled and not row.cancel_requested
+    finally:
+        proc.kill()
+        proc.wait()
