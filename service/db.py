@@ -10,7 +10,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, make_url, text
+from sqlalchemy import ColumnElement, Connection, Engine, create_engine, event, func, inspect, make_url, text
 from sqlalchemy.orm import Session
 
 from util.errors import InvalidInputError
@@ -66,6 +66,17 @@ def make_engine(target: str | Path, migrate: bool = True) -> Engine:
     if migrate:
         upgrade(engine)
     return engine
+
+
+def json_text(engine: Engine, column: ColumnElement, *keys: str) -> ColumnElement:
+    """The value at `keys` inside a JSON column, as SQL text (NULL where absent), on either backend.
+
+    SQLite: `json_extract(col, '$."a"."b"')` (keys must not hold `"` or a backslash). PostgreSQL:
+    `json_extract_path_text(col, 'a', 'b')`, the keys bound as parameters.
+    """
+    if is_postgres(engine):
+        return func.json_extract_path_text(column, *keys)
+    return func.json_extract(column, "$" + "".join(f'."{key}"' for key in keys))
 
 
 def lock_for_write(session: Session) -> None:

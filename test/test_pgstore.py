@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from pg import with_database
+from pg import both_backends, with_database
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, add_task
 from entity.task import Base, TaskKind, TaskStatus, utcnow
 from service import jobs
 from service.db import BASELINE_REVISION, current_revision, head_revision, make_engine
@@ -230,3 +230,26 @@ def test_a_cancel_sent_while_the_owner_was_down_is_carried_out_when_it_restarts(
     finally:
         proc.kill()
         proc.wait()
+
+
+@both_backends
+def test_fine_tuning_jobs_filter_on_json_metadata(client):
+    def job(team: str | None) -> str:
+        meta = {
+            "model": "m",
+            "training_file": "file-x",
+            "seed": 1,
+            "method": "supervised",
+            "hyperparameters": {"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0},
+            "metadata": {"team": team, "odd key, {with} commas": "v"} if team else None,
+        }
+        return add_task(client, TaskStatus.failed, None, request={"openai": meta})
+
+    search, other, plain = job("search"), job("ads"), job(None)
+    add_task(client, TaskStatus.failed, None)  # a train task that is no fine-tuning job
+    listed = client.get("/v1/fine_tuning/jobs").json()["data"]
+    assert {j["id"].removeprefix("ftjob-") for j in listed} == {search, other, plain}
+    found = client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "search"}).json()["data"]
+    assert [j["id"] for j in found] == [f"ftjob-{search}"]
+    odd = client.get("/v1/fine_tuning/jobs", params={"metadata[odd key, {with} commas]": "v"}).json()["data"]
+    assert {j["id"] for j in odd} == {f"ftjob-{search}", f"ftjob-{other}"}
