@@ -16,6 +16,7 @@ from entity.task import Base, TaskKind, TaskStatus, utcnow
 from service import jobs
 from service.db import BASELINE_REVISION, current_revision, head_revision, make_engine
 from service.jobs import JobRunner
+from service.runs import RunStore
 from service.tasks import QueueFullError, TaskStore
 from util.errors import ConflictError, InvalidInputError
 
@@ -46,12 +47,26 @@ def test_a_store_made_before_migrations_upgrades_in_place(tmp_path):
             "INSERT INTO task_events (task_id, created_at, type, level, message) "
             "VALUES ('a', '2026-11-24 10:05:00.000000', 'status', 'info', 'succeeded')"
         )
+        conn.execute(
+            "INSERT INTO runs (id, status, base_model, base_path, lora, seed, vocab_size, resume_optimizer,"
+            " pending_grads, steps, created_at, last_used_at) VALUES ('r1', 'paused', 'm', '/m', '{}', 0, 8, 1, 0, 3,"
+            " '2026-11-24 10:00:00.000000', '2026-11-24 10:00:00.000000')"
+        )
+        conn.execute(
+            "INSERT INTO run_jobs (id, run_id, kind, status, request, result, created_at) VALUES"
+            " ('j1', 'r1', 'optim_step', 'completed', '{}', '{\"step\": 3}', '2026-11-24 10:00:00.000000')"
+        )
     store = TaskStore(db)
     assert current_revision(store.engine) == head_revision() != BASELINE_REVISION
     old = store.get("a")
     assert (old.status, old.request, old.metrics, old.current_step) == ("succeeded", {"x": 1}, {"loss": 0.5}, 6)
     assert old.created_at.tzinfo is not None and old.owner is None and old.cancel_requested is False
     assert [e.message for e in store.events("a")] == ["succeeded"]
+    runs = RunStore(store.engine)  # the runs tables were rebuilt (wider ids): their rows and links stay
+    assert runs.get_run("r1").steps == 3 and runs.get_job("j1").result == {"step": 3}
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall() == []
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     claimed = store.claim_next("me")  # the old queued task runs on the upgraded store
     assert claimed is not None and claimed.id == "b" and store.get("b").owner == "me"
     assert TaskStore(db).counts()["total"] == 2  # opening it again changes nothing
@@ -253,3 +268,30 @@ def test_fine_tuning_jobs_filter_on_json_metadata(client):
     assert [j["id"] for j in found] == [f"ftjob-{search}"]
     odd = client.get("/v1/fine_tuning/jobs", params={"metadata[odd key, {with} commas]": "v"}).json()["data"]
     assert {j["id"] for j in odd} == {f"ftjob-{search}", f"ftjob-{other}"}
+
+
+def test_a_tinker_length_run_id_fits_on_both_backends(store_url):
+    from entity.runs import RunRow, RunStatus
+
+    store = TaskStore(store_url)
+    runs = RunStore(store.engine)
+    run_id = f"{'s' * 40}:train:{2**63}"  # the longest session id the Tinker API accepts, a 64-bit sequence number
+    now = utcnow()
+    runs.add_run(
+        RunRow(
+            id=run_id,
+            status=RunStatus.starting,
+            base_model="m",
+            base_path="/m",
+            lora={},
+            seed=0,
+            vocab_size=8,
+            resume_optimizer=1,
+            pending_grads=0,
+            steps=0,
+            created_at=now,
+            last_used_at=now,
+        )
+    )
+    job = runs.add_job(run_id, "sample", {})
+    assert runs.get_job(job.id).run_id == run_id and runs.get_run(run_id).status == RunStatus.starting
