@@ -246,7 +246,7 @@ class TaskStore:
                 .where(TaskRow.id == task.id)
                 .values(status=TaskStatus.running, owner=owner, started_at=now, cancel_requested=False)
             )
-            task.status, task.owner, task.started_at = TaskStatus.running, owner, now
+        task.status, task.owner, task.started_at = TaskStatus.running, owner, now  # detached: a copy for the caller
         return task
 
     def request_cancel(self, task_id: str) -> bool:
