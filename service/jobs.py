@@ -106,8 +106,12 @@ def is_worker_of(pid: int, ident: str, not_before: datetime | None = None, flag:
 
 
 def scheduler_owner(settings: Settings) -> str:
-    """The owner name of the tasks and runs a server starts: jobs.scheduler_id, else host:port."""
-    return settings.jobs.scheduler_id or f"{socket.gethostname()}:{settings.server.port}"
+    """The owner name of the tasks and runs a server starts: jobs.scheduler_id, else the host name.
+
+    The default survives a restart on another port (the restarted server adopts its tasks, as before owners
+    existed); servers sharing a store from one host must each set their own jobs.scheduler_id.
+    """
+    return settings.jobs.scheduler_id or socket.gethostname()
 
 
 def default_slots() -> int:

@@ -53,9 +53,10 @@ def two_servers(tmp_path: Path, tiny_model_root: Path, pg_url: str):
     }
     servers = []
     try:
-        for name in ("a", "b"):
+        for name in ("a", "b"):  # one host: each server names itself (the default, the host name, is shared)
             (tmp_path / name).mkdir()
-            servers.append(start_server(tmp_path / name, tiny_model_root, extra))
+            jobs = {**extra["jobs"], "scheduler_id": f"server-{name}"}
+            servers.append(start_server(tmp_path / name, tiny_model_root, {**extra, "jobs": jobs}))
         yield [url for url, _ in servers], TaskStore(pg_url)
     finally:
         for _, proc in servers:
@@ -82,8 +83,7 @@ def test_two_servers_share_one_store(two_servers):
         assert statuses == ["queued", "running", "succeeded"], statuses
         assert events == httpx.get(f"{a}/api/train/logs/{task_id}", timeout=10).json()["items"]
         owners[task_id] = store.get(task_id).owner
-    ports = {url.rsplit(":", 1)[1] for url in urls}
-    assert {owner.rsplit(":", 1)[1] for owner in owners.values()} <= ports
+    assert set(owners.values()) <= {"server-a", "server-b"}
     lists = [httpx.get(f"{url}/api/train/tasks", params={"limit": 50}, timeout=10).json() for url in urls]
     assert lists[0] == lists[1] and lists[0]["total"] == 10
     assert {t["id"] for t in lists[0]["items"]} == set(ids)
@@ -104,8 +104,7 @@ def test_two_servers_share_one_store(two_servers):
     while (row := store.get(task_id)).current_step < 1:  # training, past the worker's own status check
         assert row.status in ("queued", "running") and time.monotonic() < deadline, (row.status, row.error)
         time.sleep(0.2)
-    owner_port = row.owner.rsplit(":", 1)[1]
-    owner, other = (a, b) if a.endswith(owner_port) else (b, a)
+    owner, other = (a, b) if row.owner == "server-a" else (b, a)
     cancelled = httpx.post(f"{other}/api/train/cancel/{task_id}", timeout=30)
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
     deadline = time.monotonic() + 20

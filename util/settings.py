@@ -53,7 +53,7 @@ class JobSettings(BaseModel):
     wait_timeout_seconds: float = Field(600.0, gt=0)
     worker_nice: int = Field(10, ge=0, le=19)
     retention_days: float | None = Field(30.0, gt=0)
-    scheduler_id: str | None = Field(None, min_length=1, max_length=128)  # owner of claimed tasks; None: host:port
+    scheduler_id: str | None = Field(None, min_length=1, max_length=128)  # owner of claimed tasks; None: host name
 
 
 Tracker = Literal["none", "tensorboard", "mlflow", "wandb"]
