@@ -89,6 +89,17 @@ class TaskRow(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
+class SchedulerRow(Base):
+    """A server's scheduler on the store: who it is and when it was last seen alive."""
+
+    __tablename__ = "schedulers"
+
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class EventRow(Base):
     """A per-step metric record or a log line of a task."""
 

@@ -26,6 +26,8 @@ RESTART_ERROR = "interrupted by server restart"
 SHUTDOWN_ERROR = "interrupted by server shutdown"
 LOG_TAIL_CHARS = 4000
 PURGE_EVERY_SECONDS = 3600  # how often the scheduler applies jobs.retention_days
+HEARTBEAT_SECONDS = 5.0  # how often a scheduler marks itself alive in the store
+STALE_SCHEDULER_SECONDS = 60.0  # a scheduler unseen this long (on another host) is taken for gone
 
 
 @dataclass
@@ -172,11 +174,16 @@ class JobRunner:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._seen = 0.0  # when the scheduler last refreshed its heartbeat (monotonic)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """Recover tasks left by a previous server and start the scheduler thread."""
+        """Claim this scheduler's name, recover tasks left by a previous server and start the scheduler thread."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.store.register_scheduler(
+            self.owner, socket.gethostname(), os.getpid(), STALE_SCHEDULER_SECONDS, alive=pid_alive
+        )
+        self._seen = time.monotonic()
         self.recover()
         self.purge_expired()
         self._thread = threading.Thread(target=self._loop, name="job-scheduler", daemon=True)
@@ -196,6 +203,8 @@ class JobRunner:
             self._kill(job)
         with self._lock:
             self._running.clear()
+        if self._thread is not None:
+            self.store.unregister_scheduler(self.owner, os.getpid())
 
     def purge_expired(self, now: float | None = None) -> int:
         """Apply jobs.retention_days: drop events of tasks finished before then, and log files untouched since.
@@ -329,6 +338,9 @@ class JobRunner:
 
     def tick(self) -> None:
         """One scheduling pass: reap, carry out cancels sent to other servers, then claim tasks for free slots."""
+        if self._thread is not None and time.monotonic() - self._seen > HEARTBEAT_SECONDS:
+            self._seen = time.monotonic()
+            self.store.scheduler_seen(self.owner, os.getpid())
         self._reap()
         self._carry_out_cancels()
         while not self._stop.is_set():

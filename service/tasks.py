@@ -4,7 +4,7 @@ import asyncio
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from entity.task import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
     EventRow,
+    SchedulerRow,
     TaskKind,
     TaskRow,
     TaskStatus,
@@ -248,6 +249,42 @@ class TaskStore:
             )
         task.status, task.owner, task.started_at = TaskStatus.running, owner, now  # detached: a copy for the caller
         return task
+
+    def register_scheduler(
+        self, owner: str, host: str, pid: int, stale_after: float, alive: Callable[[int], bool]
+    ) -> None:
+        """Record this process as scheduler `owner`; ConflictError if another live process already is.
+
+        The other one counts as gone when it was not seen for `stale_after` seconds, or, on this host, when its
+        pid is no longer alive (a server killed and restarted at once).
+        """
+        now = utcnow()
+        with self.session() as s:
+            lock_for_write(s)
+            row = s.get(SchedulerRow, owner)
+            if row is not None and (row.host, row.pid) != (host, pid):
+                fresh = row.seen_at > now - timedelta(seconds=stale_after)
+                if fresh and (row.host != host or alive(row.pid)):
+                    raise ConflictError(
+                        f"Scheduler '{owner}' is already running (pid {row.pid} on {row.host}); every server on a "
+                        "shared store needs its own jobs.scheduler_id.",
+                        details={"scheduler_id": owner, "host": row.host, "pid": row.pid},
+                    )
+            if row is None:
+                s.add(SchedulerRow(owner=owner, host=host, pid=pid, seen_at=now))
+            else:
+                row.host, row.pid, row.seen_at = host, pid, now
+
+    def scheduler_seen(self, owner: str, pid: int) -> None:
+        """Refresh a scheduler's heartbeat."""
+        stmt = update(SchedulerRow).where(SchedulerRow.owner == owner, SchedulerRow.pid == pid)
+        with self.session() as s:
+            s.execute(stmt.values(seen_at=utcnow()))
+
+    def unregister_scheduler(self, owner: str, pid: int) -> None:
+        """Forget a scheduler that stopped."""
+        with self.session() as s:
+            s.execute(delete(SchedulerRow).where(SchedulerRow.owner == owner, SchedulerRow.pid == pid))
 
     def request_cancel(self, task_id: str) -> bool:
         """Cancel a running task owned by another scheduler: mark it cancelled and ask its owner to kill the worker."""

@@ -1,5 +1,6 @@
 """The task store on SQLite and PostgreSQL: migrations, upgrading a store made before them, atomic limits, claiming."""
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from pg import both_backends, with_database
 
 from conftest import PROJECT_ROOT, add_task
-from entity.task import Base, TaskKind, TaskStatus, utcnow
+from entity.task import Base, SchedulerRow, TaskKind, TaskStatus, utcnow
 from service import jobs
 from service.db import BASELINE_REVISION, current_revision, head_revision, make_engine
 from service.jobs import JobRunner
@@ -295,3 +296,45 @@ def test_a_tinker_length_run_id_fits_on_both_backends(store_url):
     )
     job = runs.add_job(run_id, "sample", {})
     assert runs.get_job(job.id).run_id == run_id and runs.get_run(run_id).status == RunStatus.starting
+
+
+def test_one_live_process_per_scheduler_id(store_url):
+    store = TaskStore(store_url)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        store.register_scheduler("api", "host-1", other.pid, 60, alive=jobs.pid_alive)
+        store.register_scheduler("api", "host-1", other.pid, 60, alive=jobs.pid_alive)  # itself again: fine
+        with pytest.raises(ConflictError, match=r"jobs\.scheduler_id"):  # a second live server with that name
+            store.register_scheduler("api", "host-1", 1, 60, alive=jobs.pid_alive)
+    finally:
+        other.kill()
+        other.wait()
+    store.register_scheduler("api", "host-1", 1, 60, alive=jobs.pid_alive)  # the first one died: taken over
+    with pytest.raises(ConflictError):  # on another host only the heartbeat tells: still fresh
+        store.register_scheduler("api", "host-2", 7, 60, alive=jobs.pid_alive)
+    store.register_scheduler("api", "host-2", 7, 0, alive=jobs.pid_alive)  # unseen past the limit: gone
+    store.unregister_scheduler("api", 7)
+    store.register_scheduler("api", "host-1", 1, 60, alive=jobs.pid_alive)  # a clean stop frees the name
+
+
+def test_a_second_server_with_the_same_scheduler_id_is_refused(settings, store_url):
+    from fastapi.testclient import TestClient
+
+    from main import create_app
+
+    settings = with_database(settings, store_url)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/health").status_code == 200
+        store = client.app.state.store
+        me = client.app.state.runner.owner
+        with store.session() as s:  # as if another live process held the same name
+            s.execute(SchedulerRow.__table__.update().values(pid=os.getppid()))
+        runner = JobRunner(settings, TaskStore(store_url))
+        with pytest.raises(ConflictError, match=me):
+            runner.start()
+        with store.session() as s:
+            s.execute(SchedulerRow.__table__.update().values(pid=os.getpid()))
+    engine = TaskStore(store_url).engine
+    with engine.connect() as conn:  # the server's clean stop freed its name
+        assert conn.exec_driver_sql("SELECT count(*) FROM schedulers").scalar() == 0
+    engine.dispose()
