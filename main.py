@@ -48,7 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         (settings.model_dir / "outputs").mkdir(parents=True, exist_ok=True)
-        store = TaskStore(settings.paths.db_path)
+        store = TaskStore(settings.database_url)
         runner = JobRunner(settings, store)
         app.state.settings = settings
         app.state.api_key_digests = key_digests(settings)

@@ -40,7 +40,7 @@ class RunRow(Base):
 
     __tablename__ = "runs"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)  # a Tinker model id is `<session>:train:<n>`
     status: Mapped[str] = mapped_column(String(16), index=True)
     base_model: Mapped[str] = mapped_column(Text)
     base_path: Mapped[str] = mapped_column(Text)
@@ -56,6 +56,7 @@ class RunRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_used_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the server whose process runs it
 
 
 class RunJobRow(Base):
@@ -65,7 +66,7 @@ class RunJobRow(Base):
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(32), unique=True, index=True)
-    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    run_id: Mapped[str] = mapped_column(String(128), ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(24))
     status: Mapped[str] = mapped_column(String(16), index=True)
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -82,7 +83,7 @@ class CheckpointRow(Base):
     __tablename__ = "run_checkpoints"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    run_id: Mapped[str] = mapped_column(String(32), index=True)
+    run_id: Mapped[str] = mapped_column(String(128), index=True)
     name: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     step: Mapped[int] = mapped_column(Integer, default=0)

@@ -3,6 +3,7 @@
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +28,8 @@ RESTART_ERROR = "interrupted by server restart"
 SHUTDOWN_ERROR = "interrupted by server shutdown"
 LOG_TAIL_CHARS = 4000
 PURGE_EVERY_SECONDS = 3600  # how often the scheduler applies jobs.retention_days
+HEARTBEAT_SECONDS = 5.0  # how often a scheduler marks itself alive in the store
+STALE_SCHEDULER_SECONDS = 60.0  # a scheduler unseen this long (on another host) is taken for gone
 
 
 @dataclass
@@ -109,6 +112,15 @@ def is_worker_of(pid: int, ident: str, not_before: datetime | None = None, flag:
     return True
 
 
+def scheduler_owner(settings: Settings) -> str:
+    """The owner name of the tasks and runs a server starts: jobs.scheduler_id, else the host name.
+
+    The default survives a restart on another port (the restarted server adopts its tasks, as before owners
+    existed); servers sharing a store from one host must each set their own jobs.scheduler_id.
+    """
+    return settings.jobs.scheduler_id or socket.gethostname()
+
+
 def default_slots() -> int:
     """One job per GPU, or one on CPU."""
     try:
@@ -169,6 +181,8 @@ class JobRunner:
         self.store = store
         self.slots = settings.jobs.max_concurrent_jobs or default_slots()
         self.log_dir = settings.data_dir / "logs"
+        # Who claims tasks: servers sharing one store each run (and adopt, and kill) only the tasks they claimed.
+        self.owner = scheduler_owner(settings)
         self._running: dict[str, RunningJob] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -176,11 +190,16 @@ class JobRunner:
         self._thread: threading.Thread | None = None
         backend = settings.jobs.backend
         self.backend: TaskBackend | None = None if backend == "local" else make_backend(backend, settings)
+        self._seen = 0.0  # when the scheduler last refreshed its heartbeat (monotonic)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """Recover tasks left by a previous server and start the scheduler thread."""
+        """Claim this scheduler's name, recover tasks left by a previous server and start the scheduler thread."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.store.register_scheduler(
+            self.owner, socket.gethostname(), os.getpid(), STALE_SCHEDULER_SECONDS, alive=pid_alive
+        )
+        self._seen = time.monotonic()
         if self.backend is not None:
             self.backend.connect()
         self.recover()
@@ -204,6 +223,8 @@ class JobRunner:
             self._running.clear()
         if self.backend is not None:
             self.backend.close()
+        if self._thread is not None:
+            self.store.unregister_scheduler(self.owner, os.getpid())
 
     def purge_expired(self, now: float | None = None) -> int:
         """Apply jobs.retention_days: drop events of tasks finished before then, and log files untouched since.
@@ -231,8 +252,19 @@ class JobRunner:
         return removed
 
     def recover(self) -> None:
-        """Adopt live workers of running tasks; fail those whose process is gone."""
+        """Adopt live workers of this scheduler's running tasks; fail those whose process is gone.
+
+        Tasks another scheduler (another server on the same store) claimed are left to it. A cancel another
+        server recorded while this one was down is carried out now: a still-live worker of it is killed.
+        """
+        for task in self.store.owned_cancel_requests(self.owner):
+            if task.pid and is_worker_of(task.pid, task.id, task.started_at):
+                log.info("carrying out the cancel of task %s sent while this server was down", task.id)
+                self._kill(RunningJob(task.id, task.pid, self.log_path(task.id)))
+            self.store.cancel_requests([task.id])
         for task in self.store.with_status(TaskStatus.running):
+            if task.owner not in (None, self.owner):
+                continue
             handle = self.backend.adopt(task, self.log_path(task.id)) if self.backend is not None else None
             if handle is not None:  # a Ray actor outlives the server when the cluster is not the server's own
                 cost = self.task_cost(task)
@@ -287,7 +319,12 @@ class JobRunner:
             if self.store.move(task_id, TaskStatus.cancelled, (TaskStatus.queued,)):
                 return self.store.get(task_id)
             task = self.store.get(task_id)
-        if task.status == TaskStatus.running:
+        if task.status == TaskStatus.running and task.owner not in (None, self.owner):
+            # Another server's scheduler runs it: mark it cancelled and flag it; that scheduler kills the worker.
+            if self.store.request_cancel(task_id):
+                return self.store.get(task_id)
+            task = self.store.get(task_id)
+        elif task.status == TaskStatus.running:
             with self._lock:
                 # Mark first so the reaper does not report the kill as a crash.
                 moved = self.store.move(task_id, TaskStatus.cancelled, (TaskStatus.running,))
@@ -333,16 +370,31 @@ class JobRunner:
             self._wake.clear()
 
     def tick(self) -> None:
-        """One scheduling pass: reap, then fill free slots in queue order."""
+        """One scheduling pass: reap, carry out cancels sent to other servers, then claim tasks for free slots."""
+        if self._thread is not None and time.monotonic() - self._seen > HEARTBEAT_SECONDS:
+            self._seen = time.monotonic()
+            self.store.scheduler_seen(self.owner, os.getpid())
         self._reap()
+        self._carry_out_cancels()
+        while not self._stop.is_set():
+            with self._lock:
+                free = self.capacity() - sum(job.slots for job in self._running.values())
+                # First come, first served: a 2-GPU task waits for 2 free GPUs, nothing jumps ahead of it.
+                task = self.store.claim_next(self.owner, lambda t, free=free: self.task_cost(t) <= free)
+                if task is None:
+                    return
+                self._spawn(task, self.task_cost(task))
+
+    def _carry_out_cancels(self) -> None:
+        """Kill the workers of our tasks that a cancel sent to another server marked (tasks.cancel_requested)."""
         with self._lock:
-            free = self.capacity() - sum(job.slots for job in self._running.values())
-        for task in self.store.with_status(TaskStatus.queued):
-            cost = self.task_cost(task)
-            if cost > free:
-                break  # first come, first served: a 2-GPU task waits for 2 free GPUs, nothing jumps ahead
-            self._spawn(task, cost)
-            free -= cost
+            ids = list(self._running)
+        for task_id in self.store.cancel_requests(ids):
+            with self._lock:
+                job = self._running.pop(task_id, None)
+            if job is not None:
+                log.info("cancel of task %s requested through another server; killing pid %s", task_id, job.pid)
+                self._kill(job)
 
     def _reap(self) -> None:
         """Record the end of every child that has exited."""
@@ -363,16 +415,14 @@ class JobRunner:
         return task_slots(task, self.slots)
 
     def _spawn(self, task: TaskRow, cost: int = 1) -> None:
-        """Start a child process for a queued task (torchrun with one process per GPU when it is distributed)."""
+        """Start a child process for a task this scheduler claimed (torchrun, one process per GPU, if distributed)."""
         if self.backend is not None:
             self._start_on_backend(task, cost)
             return
         log_path = self.log_path(task.id)
         args = worker_args(task)
         with self._lock:
-            # Claim the task before starting; the lock keeps a concurrent cancel from slipping between.
-            if not self.store.transition(task.id, TaskStatus.running, (TaskStatus.queued,)):
-                return
+            # Claimed in tick under the same lock, so a concurrent cancel on this server cannot slip between.
             try:
                 proc = spawn_worker(self.settings, args, log_path)
             except OSError as exc:
@@ -386,12 +436,10 @@ class JobRunner:
         log.info("started task %s (%s) as pid %s", task.id, task.kind, proc.pid)
 
     def _start_on_backend(self, task: TaskRow, cost: int) -> None:
-        """Claim a queued task and start its worker on the configured backend (a Ray actor)."""
+        """Start the worker of a task this scheduler claimed on the configured backend (a Ray actor)."""
         log_path = self.log_path(task.id)
         assert self.backend is not None
-        with self._lock:
-            if not self.store.transition(task.id, TaskStatus.running, (TaskStatus.queued,)):
-                return
+        with self._lock:  # claimed in tick under the same lock, so a concurrent cancel cannot slip between
             try:
                 handle = self.backend.start(task, log_path)
             except Exception as exc:  # noqa: BLE001 - any backend failure fails this task, not the scheduler

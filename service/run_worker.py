@@ -558,7 +558,7 @@ def pause(state: RunState, store: RunStore, why: str) -> None:
 
 def serve(settings: Settings, run_id: str) -> int:
     """Load the run, then execute its jobs until it is deleted, stopped, or idle past the TTL."""
-    store = RunStore(make_engine(settings.paths.db_path))
+    store = RunStore(make_engine(settings.database_url))
     run = store.get_run(run_id)
     try:
         state = RunState(run, settings)

@@ -33,7 +33,15 @@ from entity.runs import (
 )
 from entity.task import utcnow
 from service import models
-from service.jobs import RunningJob, is_worker_of, process_start, spawn_worker, take_ended, terminate_group
+from service.jobs import (
+    RunningJob,
+    is_worker_of,
+    process_start,
+    scheduler_owner,
+    spawn_worker,
+    take_ended,
+    terminate_group,
+)
 from service.tasks import TaskStore, lock_for_write
 from util.errors import AppError, ConflictError, InvalidInputError, NotFoundError
 from util.files import check_replaceable, read_json, read_marker, write_marker
@@ -327,6 +335,7 @@ class RunService:
         self.settings = settings
         self.store = RunStore(tasks.engine)
         self.log_dir = settings.data_dir / "logs"
+        self.owner = scheduler_owner(settings)  # servers sharing a store each watch only the workers they started
         self._workers: dict[str, RunningJob] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -334,8 +343,13 @@ class RunService:
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Adopt live workers, fail runs whose worker is gone, and start the watcher thread."""
+        """Adopt live workers, fail runs whose worker is gone, and start the watcher thread.
+
+        Runs another server (on the same store) started are its own to adopt or fail.
+        """
         for run in self.store.runs(LIVE_RUN_STATUSES):
+            if run.owner not in (None, self.owner):
+                continue
             if run.pid and is_worker_of(run.pid, run.id, run.created_at, flag="--run-id"):
                 self._workers[run.id] = RunningJob(run.id, run.pid, self._log(run.id), started=process_start(run.pid))
                 continue
@@ -375,7 +389,7 @@ class RunService:
         proc = spawn_worker(self.settings, ["service.run_worker", "--run-id", run_id], self._log(run_id))
         with self._lock:
             self._workers[run_id] = RunningJob(run_id, proc.pid, self._log(run_id), proc)
-        self.store.set_run(run_id, pid=proc.pid)
+        self.store.set_run(run_id, pid=proc.pid, owner=self.owner)
 
     # -- runs -------------------------------------------------------------------------------------------
     def create(self, req: CreateRunRequest, run_id: str | None = None) -> RunRow:

@@ -1,28 +1,31 @@
-"""The durable task store: SQLite through SQLAlchemy, shared by the server and job processes."""
+"""The durable task store (SQLite or PostgreSQL through SQLAlchemy), shared by the servers and job processes."""
 
 import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 import entity.runs  # noqa: F401  - registers the run tables on the shared metadata
 from entity.task import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
-    Base,
     EventRow,
+    SchedulerRow,
     TaskKind,
     TaskRow,
     TaskStatus,
     utcnow,
 )
+from service.db import is_postgres, lock_for_write, make_engine
 from util.errors import AppError, ConflictError, NotFoundError
+
+__all__ = ["QueueFullError", "TaskStore", "lock_for_write", "make_engine"]
 
 PROGRESS_FIELDS = {
     "progress",
@@ -44,38 +47,12 @@ class QueueFullError(AppError):
     error_type = "queue_full"
 
 
-def lock_for_write(session: Session) -> None:
-    """Take SQLite's write lock now (BEGIN IMMEDIATE), so a check-then-insert in this session is atomic.
-
-    Must be the session's first statement. Another writer waits here (up to the busy timeout) until this
-    session commits, so two requests can never both pass a limit check before either has inserted.
-    """
-    session.connection().exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def make_engine(db_path: Path) -> Engine:
-    """Create an engine for one process: WAL mode and a busy timeout so several processes can write."""
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(f"sqlite:///{db_path}", connect_args={"timeout": 30})
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.close()
-
-    Base.metadata.create_all(engine)
-    return engine
-
-
 class TaskStore:
     """CRUD and atomic status transitions for tasks and their events."""
 
-    def __init__(self, db_path: Path) -> None:
-        """Open (and create if needed) the store at `db_path`."""
-        self.engine = make_engine(db_path)
+    def __init__(self, db: str | Path) -> None:
+        """Open (creating or migrating as needed) the store at a SQLAlchemy URL or a SQLite file path."""
+        self.engine = make_engine(db)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -243,6 +220,100 @@ class TaskStore:
             level = "error" if to == TaskStatus.failed else "info"
             self.add_event(task_id, "status", message or to.value, data, level=level)
         return moved
+
+    def claim_next(self, owner: str, fits: Callable[[TaskRow], bool] = lambda _task: True) -> TaskRow | None:
+        """Atomically move the oldest queued task to running for scheduler `owner`, if `fits` accepts it.
+
+        PostgreSQL: `SELECT ... FOR UPDATE SKIP LOCKED`, so concurrent schedulers each take a different row without
+        waiting. SQLite: one write transaction (`BEGIN IMMEDIATE`). Either way no two schedulers claim one task, and
+        a cancel cannot slip between the read and the update. Returns the claimed task, or None.
+        """
+        query = select(TaskRow).where(TaskRow.status == TaskStatus.queued).order_by(TaskRow.created_at, TaskRow.id)
+        with self.session() as s:  # an idle queue costs a plain read, not the write lock
+            if s.scalar(select(TaskRow.id).where(TaskRow.status == TaskStatus.queued).limit(1)) is None:
+                return None
+        with self.session() as s:
+            if is_postgres(s):
+                query = query.limit(1).with_for_update(skip_locked=True)
+            else:
+                lock_for_write(s)
+                query = query.limit(1)
+            task = s.scalar(query)
+            if task is None or not fits(task):
+                return None
+            now = utcnow()
+            s.execute(
+                update(TaskRow)
+                .where(TaskRow.id == task.id)
+                .values(status=TaskStatus.running, owner=owner, started_at=now, cancel_requested=False)
+            )
+        task.status, task.owner, task.started_at = TaskStatus.running, owner, now  # detached: a copy for the caller
+        return task
+
+    def register_scheduler(
+        self, owner: str, host: str, pid: int, stale_after: float, alive: Callable[[int], bool]
+    ) -> None:
+        """Record this process as scheduler `owner`; ConflictError if another live process already is.
+
+        The other one counts as gone when it was not seen for `stale_after` seconds, or, on this host, when its
+        pid is no longer alive (a server killed and restarted at once).
+        """
+        now = utcnow()
+        with self.session() as s:
+            lock_for_write(s)
+            row = s.get(SchedulerRow, owner)
+            if row is not None and (row.host, row.pid) != (host, pid):
+                fresh = row.seen_at > now - timedelta(seconds=stale_after)
+                if fresh and (row.host != host or alive(row.pid)):
+                    raise ConflictError(
+                        f"Scheduler '{owner}' is already running (pid {row.pid} on {row.host}); every server on a "
+                        "shared store needs its own jobs.scheduler_id.",
+                        details={"scheduler_id": owner, "host": row.host, "pid": row.pid},
+                    )
+            if row is None:
+                s.add(SchedulerRow(owner=owner, host=host, pid=pid, seen_at=now))
+            else:
+                row.host, row.pid, row.seen_at = host, pid, now
+
+    def scheduler_seen(self, owner: str, pid: int) -> None:
+        """Refresh a scheduler's heartbeat."""
+        stmt = update(SchedulerRow).where(SchedulerRow.owner == owner, SchedulerRow.pid == pid)
+        with self.session() as s:
+            s.execute(stmt.values(seen_at=utcnow()))
+
+    def unregister_scheduler(self, owner: str, pid: int) -> None:
+        """Forget a scheduler that stopped."""
+        with self.session() as s:
+            s.execute(delete(SchedulerRow).where(SchedulerRow.owner == owner, SchedulerRow.pid == pid))
+
+    def request_cancel(self, task_id: str) -> bool:
+        """Cancel a running task owned by another scheduler: mark it cancelled and ask its owner to kill the worker."""
+        stmt = (
+            update(TaskRow)
+            .where(TaskRow.id == task_id, TaskRow.status == TaskStatus.running)
+            .values(status=TaskStatus.cancelled, finished_at=utcnow(), cancel_requested=True)
+        )
+        with self.session() as s:
+            moved = s.execute(stmt).rowcount == 1
+        if moved:
+            self.add_event(task_id, "status", "cancelled", {"status": TaskStatus.cancelled.value})
+        return moved
+
+    def owned_cancel_requests(self, owner: str) -> list[TaskRow]:
+        """Tasks of `owner` whose cancel, sent to another server, the owner has not carried out yet."""
+        query = select(TaskRow).where(TaskRow.owner == owner, TaskRow.cancel_requested)
+        with self.session() as s:
+            return list(s.scalars(query))
+
+    def cancel_requests(self, task_ids: list[str]) -> list[str]:
+        """Which of these tasks have a cancel pending for their owner (cleared as they are returned)."""
+        if not task_ids:
+            return []
+        with self.session() as s:
+            ids = list(s.scalars(select(TaskRow.id).where(TaskRow.id.in_(task_ids), TaskRow.cancel_requested)))
+            if ids:
+                s.execute(update(TaskRow).where(TaskRow.id.in_(ids)).values(cancel_requested=False))
+        return ids
 
     def set_pid(self, task_id: str, pid: int) -> None:
         """Record the pid of a task's worker process."""

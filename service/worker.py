@@ -95,7 +95,7 @@ def run_task(settings: Settings, task_id: str) -> int:
     Under torchrun every rank runs this: any rank records a failure (the first one wins), rank 0 the success.
     """
     rank = int(os.environ.get("RANK", "0"))
-    store = TaskStore(settings.paths.db_path)
+    store = TaskStore(settings.database_url)
     task = store.get(task_id)
     if task.status != TaskStatus.running:
         return 0  # cancelled between claim and start: nothing to do

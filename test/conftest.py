@@ -22,7 +22,7 @@ from util.settings import PROJECT_ROOT, Settings, load_settings
 REAL_BASE = PROJECT_ROOT / "model" / "base" / "SmolLM2-135M-Instruct"
 SAMPLE = PROJECT_ROOT / "test" / "data" / "train_sample.json"
 TINY_NAME = "tiny-llama"
-pytest_plugins = ["browser"]  # the Chromium fixtures of test/browser.py
+pytest_plugins = ["browser", "pg"]  # Chromium fixtures (test/browser.py), PostgreSQL fixtures (test/pg.py)
 
 
 @pytest.fixture(scope="session")
@@ -75,9 +75,14 @@ def make_settings(tmp_path: Path, model_root: Path) -> Settings:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, tiny_model_root: Path) -> Settings:
-    """Per-test settings with a fresh data dir and task DB."""
-    return make_settings(tmp_path, tiny_model_root)
+def settings(request: pytest.FixtureRequest, tmp_path: Path, tiny_model_root: Path) -> Settings:
+    """Per-test settings with a fresh data dir and task DB (on PostgreSQL when parametrized so, see test/pg.py)."""
+    settings = make_settings(tmp_path, tiny_model_root)
+    if getattr(request, "param", "sqlite") == "postgresql":
+        from pg import with_database
+
+        settings = with_database(settings, request.getfixturevalue("pg_url"))
+    return settings
 
 
 @pytest.fixture

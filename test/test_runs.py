@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from pg import both_backends
 from safetensors.torch import load_file
 
 from main import create_app
@@ -59,6 +60,7 @@ def runs_client(settings):
         yield c
 
 
+@both_backends
 def test_training_lowers_the_loss_and_sample_uses_current_weights(runs_client, settings):
     from service.models import load_tokenizer
 
@@ -146,6 +148,7 @@ def test_save_and_load_restore_identical_weights_and_optimizer(runs_client, sett
     assert archive["status"] == "succeeded"
 
 
+@both_backends
 def test_bad_input_and_limits(runs_client):
     client = runs_client
     run_id = _run(client)

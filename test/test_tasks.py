@@ -15,8 +15,8 @@ from service.jobs import RESTART_ERROR, RunningJob, describe_exit, is_worker_of,
 from service.tasks import TaskStore
 
 
-def test_transitions_are_conditional(tmp_path):
-    store = TaskStore(tmp_path / "t.db")
+def test_transitions_are_conditional(store_url):
+    store = TaskStore(store_url)
     task = store.create(TaskKind.train, {"x": 1})
     assert store.get(task.id).status == TaskStatus.queued
     assert store.transition(task.id, TaskStatus.running, (TaskStatus.queued,))
@@ -28,8 +28,8 @@ def test_transitions_are_conditional(tmp_path):
     assert row.status == TaskStatus.cancelled and row.started_at and row.finished_at
 
 
-def test_page_filters_and_orders_newest_first(tmp_path):
-    store = TaskStore(tmp_path / "t.db")
+def test_page_filters_and_orders_newest_first(store_url):
+    store = TaskStore(store_url)
     ids = [store.create(TaskKind.train, {}).id for _ in range(3)]
     other = store.create(TaskKind.eval, {}).id
     rows, total = store.page(kind=TaskKind.train, limit=2)
@@ -39,8 +39,8 @@ def test_page_filters_and_orders_newest_first(tmp_path):
     assert store.counts()["queued"] == 4
 
 
-def test_events_after_id(tmp_path):
-    store = TaskStore(tmp_path / "t.db")
+def test_events_after_id(store_url):
+    store = TaskStore(store_url)
     task = store.create(TaskKind.train, {})
     first = store.add_event(task.id, "log", "a")
     store.add_event(task.id, "log", "b")

@@ -11,6 +11,7 @@ import pytest
 import tinker
 import torch
 from peft import PeftModel
+from pg import both_backends
 from tinker import types
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -370,6 +371,7 @@ def test_bad_input_answers_clearly(server, service, trained, tok):
     assert r.status_code == 404
 
 
+@both_backends
 def test_concurrent_model_creation_respects_max_runs(settings):
     """Eight create_model calls at once on a server allowing two runs: exactly two start, six get 429."""
     from concurrent.futures import ThreadPoolExecutor
@@ -532,6 +534,7 @@ def test_concurrent_sdk_samples_on_two_snapshots_each_use_their_weights(server, 
     assert httpx.post(url, json=bad, headers=headers).status_code == 404
 
 
+@both_backends
 def test_claiming_a_sampling_batch_is_bounded_ordered_and_cancel_is_atomic(settings):
     """claim_batch takes at most `limit` sampling jobs and never a job past another kind; of eight concurrent
     cancels of one queued job exactly one wins, and a claimed (running) job cannot be cancelled."""
@@ -543,7 +546,7 @@ def test_claiming_a_sampling_batch_is_bounded_ordered_and_cancel_is_atomic(setti
     from service.tasks import TaskStore
     from util.errors import ConflictError
 
-    store = RunStore(TaskStore(settings.paths.db_path).engine)
+    store = RunStore(TaskStore(settings.database_url).engine)
     now = utcnow()
     row = RunRow(id="claims", status=RunStatus.ready, base_model=TINY_NAME, base_path="x", lora={"r": 2}, seed=0,
                  vocab_size=10, created_at=now, last_used_at=now)  # fmt: skip

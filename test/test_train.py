@@ -7,6 +7,7 @@ import time
 
 import pytest
 from peft import PeftModel
+from pg import both_backends
 from transformers import AutoModelForCausalLM
 
 from conftest import SAMPLE, wait_for, write_jsonl
@@ -75,6 +76,7 @@ def test_pipeline_trains_and_saves_loadable_output(client, settings, strategy):
     assert [e["data"]["status"] for e in events if e["type"] == "status"] == ["queued", "running", "succeeded"]
 
 
+@both_backends
 def test_events_stream_over_sse_and_resume(client, settings):
     _prepare_splits(client)
     task_id = _start(client, config={**FAST, "max_steps": 2}).json()["task_id"]
@@ -148,6 +150,7 @@ def test_dataset_without_valid_records_and_busy_output(client, settings):
     assert (settings.model_dir / "outputs" / "full" / "x").read_text() == "keep me"
 
 
+@both_backends
 def test_cancel_running_and_queued_tasks(client, settings):
     _prepare_splits(client)
     long = {**FAST, "max_steps": 100000, "save_steps": 100000}

@@ -30,6 +30,12 @@ class PathSettings(BaseModel):
     allowed_roots: list[Path] = Field(default_factory=list)
 
 
+class DatabaseSettings(BaseModel):
+    """The task store: a SQLAlchemy URL; None keeps the embedded SQLite file at paths.db_path."""
+
+    url: str | None = Field(None, pattern=r"^(sqlite|postgresql)(\+\w+)?://")
+
+
 class ModelSettings(BaseModel):
     """The default base model: a folder name under model_dir/base, or a path."""
 
@@ -50,6 +56,7 @@ class JobSettings(BaseModel):
     backend: Literal["local", "ray"] = "local"
     ray_address: str | None = None
     ray_num_cpus: float = Field(1.0, gt=0)
+    scheduler_id: str | None = Field(None, min_length=1, max_length=128)  # owner of claimed tasks; None: host name
 
 
 Tracker = Literal["none", "tensorboard", "mlflow", "wandb"]
@@ -121,6 +128,7 @@ class Settings(BaseSettings):
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     paths: PathSettings = Field(default_factory=PathSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -158,8 +166,8 @@ class Settings(BaseSettings):
 
     @property
     def database_url(self) -> str:
-        """SQLAlchemy URL of the task store."""
-        return f"sqlite:///{self.paths.db_path}"
+        """SQLAlchemy URL of the task store: database.url, else the SQLite file at paths.db_path."""
+        return self.database.url or f"sqlite:///{self.paths.db_path}"
 
     def base_model_path(self) -> Path:
         """Resolve the configured base model to a directory."""

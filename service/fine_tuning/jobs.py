@@ -19,12 +19,13 @@ from typing import Any
 from openai.types import Model, ModelDeleted
 from openai.types.fine_tuning import FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
 from entity.fine_tuning import FileRow, FineTuningJobOut, JobCreateRequest
 from entity.task import EventRow, TaskKind, TaskRow, TaskStatus
 from entity.train import LoraConfigIn, TrainConfig, TrainRequest
 from service import models
+from service.db import json_text
 from service.fine_tuning.files import FileService
 from service.jobs import JobRunner, is_worker_of, task_processes, terminate_group
 from service.train import tracking
@@ -265,13 +266,14 @@ class FineTuningService:
         self, after: str | None, limit: int, metadata: dict[str, str] | None = None
     ) -> tuple[list[FineTuningJobOut], bool]:
         """Jobs newest first, after the cursor job; and whether more follow."""
+        engine = self.store.engine
         query = select(TaskRow).where(
-            TaskRow.kind == TaskKind.train, func.json_extract(TaskRow.request, "$.openai").is_not(None)
+            TaskRow.kind == TaskKind.train, json_text(engine, TaskRow.request, "openai").is_not(None)
         )
         for key, value in (metadata or {}).items():
             if '"' in key or "\\" in key:
                 raise BadRequestError(f"metadata key {key!r} cannot be filtered on.", param="metadata")
-            query = query.where(func.json_extract(TaskRow.request, f'$.openai.metadata."{key}"') == value)
+            query = query.where(json_text(engine, TaskRow.request, "openai", "metadata", key) == value)
         if after:
             cursor = self.task(after)
             query = query.where(
