@@ -138,3 +138,20 @@ def test_two_nodes_meet_by_c10d_rendezvous_and_run_one_task(settings):
     assert args["world_size"] == 2 and args["sft_config"]["ddp_backend"] == "gloo"
     steps = [e.data["step"] for e in store.events(task.id, 0, 1000) if e.type == "metrics"]
     assert steps == [1, 2, 3, 4]  # one rank reports, once per step
+
+
+def test_other_ranks_wait_for_rank_0_to_claim_the_output_folder(tmp_path):
+    """Ranks > 0 touch the output folder only after rank 0 marked it; a rank that wrote first made rank 0 refuse it."""
+    import threading
+
+    from service.train.runner import claim_output_dir, wait_for_claim
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="did not claim"):
+        wait_for_claim(out, "t1", timeout=0.3)
+    timer = threading.Timer(0.3, claim_output_dir, (out, "t1"))
+    timer.start()
+    wait_for_claim(out, "t1", timeout=10)
+    timer.join()
+    with pytest.raises(RuntimeError, match="did not claim"):
+        wait_for_claim(out, "another-task", timeout=0.3)

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ from service.train.fused_lora import fuse_lora_layers
 from service.train.model_card import model_card
 from service.train.norms import use_native_rms_norm
 from service.train.strategies import STRATEGIES
-from util.files import check_replaceable, write_marker
+from util.files import check_replaceable, read_marker, write_marker
 from util.settings import Settings
 
 log = logging.getLogger(__name__)
+CLAIM_WAIT_SECONDS = 600  # how long ranks > 0 wait for rank 0 to claim the output folder
 BUSY_GPU_TOKENS = 16384  # packed tokens per step from which the H100 bench's steps were GPU-bound (bench/NOTES.md)
 
 
@@ -211,8 +213,11 @@ def build_trainer(
     resolved = request["resolved"]
     stage = stage or plan_stages(req, resolved)[0]
     cfg, output_dir = stage.cfg, stage.output_dir
-    if int(os.environ.get("RANK", "0")) == 0 and stage.index == 0:
-        claim_output_dir(Path(resolved["output_dir"]), task_id)
+    if stage.index == 0:
+        if int(os.environ.get("RANK", "0")) == 0:
+            claim_output_dir(Path(resolved["output_dir"]), task_id)
+        else:  # under torchrun the other ranks write into the folder only once rank 0 has claimed it
+            wait_for_claim(Path(resolved["output_dir"]), task_id)
     output_dir.mkdir(parents=True, exist_ok=True)
     # The files may have changed since the request was checked: check the sources again.
     model_path = models.check_model_sources(model_path or Path(resolved["model_path"]), settings)
@@ -314,6 +319,15 @@ def claim_output_dir(output_dir: Path, task_id: str) -> None:
     check_replaceable(output_dir, "train")  # checked at request time too; the folder may have changed since
     output_dir.mkdir(parents=True, exist_ok=True)
     write_marker(output_dir, "train", task_id)
+
+
+def wait_for_claim(output_dir: Path, task_id: str, timeout: float = CLAIM_WAIT_SECONDS) -> None:
+    """Wait until rank 0 has marked the output folder as this task's (a rank that wrote first would look foreign)."""
+    deadline = time.monotonic() + timeout
+    while (read_marker(output_dir) or {}).get("task_id") != task_id:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank 0 did not claim the output folder within {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def _event(
