@@ -131,16 +131,20 @@ def resolve_model_ref(identifier: str | None, settings: Settings, store: "TaskSt
     return resolve_model(identifier, settings)
 
 
-def adapter_base(path: Path) -> str:
-    """The base model recorded in an adapter's config."""
+def adapter_config(path: Path) -> dict[str, Any]:
+    """An adapter folder's adapter_config.json; unreadable, too deep or not an object is a 422."""
     try:
-        cfg = read_json(path / "adapter_config.json")
+        return read_json(path / "adapter_config.json")
     except (OSError, ValueError) as exc:
         raise InvalidInputError(
-            f"The adapter at '{path.name}' has an unreadable adapter_config.json ({type(exc).__name__}).",
+            f"The adapter at '{path.name}' has an unreadable adapter_config.json ({type(exc).__name__}: {exc}).",
             details={"model": path.name},
         ) from None
-    value = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+
+
+def adapter_base(path: Path) -> str:
+    """The base model recorded in an adapter's config."""
+    value = adapter_config(path).get("base_model_name_or_path")
     return value if isinstance(value, str) else ""
 
 

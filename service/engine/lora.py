@@ -16,7 +16,6 @@ columns of an evicted adapter in place. Adapters this cannot express (DoRA, modu
 patterns, embedding or output-layer targets) raise `NotRoutableError`; the model cache then serves them merged.
 """
 
-import json
 import logging
 import math
 import threading
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from service.models import adapter_config
 from util.errors import InvalidInputError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -52,19 +52,6 @@ class AdapterWeights:
     def nbytes(self) -> int:
         """Bytes of its LoRA matrices (as read)."""
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.layers.values())
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    """The adapter's adapter_config.json as a dict (422 when unreadable)."""
-    try:
-        cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(
-            f"The adapter at '{path.name}' has an unreadable adapter_config.json ({type(exc).__name__})."
-        ) from None
-    if not isinstance(cfg, dict):
-        raise InvalidInputError(f"The adapter at '{path.name}' has an adapter_config.json that is not an object.")
-    return cfg
 
 
 def routable_reason(cfg: dict[str, Any]) -> str | None:
@@ -103,7 +90,7 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 
 def read_adapter(path: Path, model: nn.Module) -> AdapterWeights:
     """Read a PEFT LoRA folder and check it against `model` (422 if it does not fit; NotRoutableError if unroutable)."""
-    cfg = _read_config(path)
+    cfg = adapter_config(path)
     reason = routable_reason(cfg)
     if reason:
         raise NotRoutableError(reason)

@@ -26,7 +26,6 @@ from entity.runs import CreateRunRequest, JobStatus, LoraSpec, OptimStepRequest,
 from service import losses, models
 from service.runs import TERMINAL_JOB, RunService
 from util.errors import AppError, ConflictError, InvalidInputError, NotFoundError
-from util.files import read_json
 from util.settings import Settings
 
 FUTURE_WAIT_SECONDS = 20.0  # a retrieve_future long-polls this long before answering try_again
@@ -94,14 +93,6 @@ def _check_name(name: str) -> str:
     if not name or name in (".", "..") or "/" in name or "\\" in name or len(name) > 64:
         raise InvalidInputError(f"'{name}' is not a valid checkpoint name (one path segment, at most 64 characters).")
     return name
-
-
-def _adapter_config(path: Path) -> dict[str, Any]:
-    """A checkpoint's adapter_config.json, or a clear 422 when it cannot be read."""
-    try:
-        return read_json(path / "adapter_config.json")
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"'{path.name}' has an unreadable adapter_config.json: {exc}") from None
 
 
 class TinkerService:
@@ -177,7 +168,7 @@ class TinkerService:
         if req.optimizer and not (path / "optimizer.pt").is_file():
             raise InvalidInputError(f"'{req.path}' has no optimizer state; load it without the optimizer.")
         if path.joinpath("adapter_config.json").is_file():
-            cfg = _adapter_config(path)
+            cfg = models.adapter_config(path)
             if cfg.get("r") != target.lora.get("r"):
                 have, want = cfg.get("r"), target.lora.get("r")
                 raise ConflictError(f"'{req.path}' has LoRA rank {have}; this model's is {want}.")
@@ -205,7 +196,7 @@ class TinkerService:
     def weights_info(self, tinker_path: str) -> dict[str, Any]:
         """weights_info: what a checkpoint needs to be loaded."""
         run, path = self.resolve(tinker_path)
-        cfg = _adapter_config(path)
+        cfg = models.adapter_config(path)
         targets = set(cfg.get("target_modules") or [])
         return {
             "base_model": run.base_model,

@@ -16,7 +16,6 @@ and 34.9 GiB at 8k, 16k and 32k tokens per step (measured 10.85, 18.89, 34.96) a
 checkpointing at 8k / 32k (measured 3.49 / 5.36).
 """
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from entity.train import LoraConfigIn, TrainConfig
+from util.files import read_json, write_json
 from util.settings import Settings
 
 GIB = 2**30
@@ -287,12 +287,12 @@ def load_previous(output_dir: Path, task_id: str) -> dict[str, Any] | None:
     """The budget this task recorded in its output folder when it first started (None: none, or another task's)."""
     path = output_dir / BUDGET_FILE
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = read_json(path)
     except (OSError, ValueError):
         return None
-    return saved.get("budget") if isinstance(saved, dict) and saved.get("task_id") == task_id else None
+    return saved.get("budget") if saved.get("task_id") == task_id else None
 
 
 def save(output_dir: Path, task_id: str, budget: dict[str, Any]) -> None:
     """Keep the chosen budget beside the checkpoints, for a resume of the same task."""
-    (output_dir / BUDGET_FILE).write_text(json.dumps({"task_id": task_id, "budget": budget}), encoding="utf-8")
+    write_json(output_dir / BUDGET_FILE, {"task_id": task_id, "budget": budget})
