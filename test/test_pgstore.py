@@ -13,6 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from pg import both_backends, with_database
 
 from conftest import PROJECT_ROOT, add_task
+from entity.runs import RunRow, RunStatus
 from entity.task import Base, SchedulerRow, TaskKind, TaskStatus, utcnow
 from service import jobs
 from service.db import BASELINE_REVISION, current_revision, head_revision, make_engine
@@ -22,6 +23,15 @@ from service.tasks import QueueFullError, TaskStore
 from util.errors import ConflictError, InvalidInputError
 
 LEGACY_SCHEMA = PROJECT_ROOT / "test" / "data" / "legacy_tasks_schema.sql"
+
+
+def _run_row(run_id: str, status: RunStatus, **fields: object) -> RunRow:
+    """A run row with placeholder model fields (these tests exercise the store, not a worker)."""
+    now = utcnow()
+    base = {"base_model": "m", "base_path": "/m", "lora": {}, "seed": 0, "vocab_size": 8, "resume_optimizer": 1}
+    return RunRow(
+        id=run_id, status=status, pending_grads=0, steps=0, created_at=now, last_used_at=now, **base, **fields
+    )
 
 
 def test_migrations_build_exactly_the_models_schema(store_url):
@@ -191,7 +201,6 @@ def test_a_scheduler_recovers_only_its_own_tasks(settings, store_url):
 
 
 def test_a_server_adopts_or_fails_only_its_own_runs(settings, store_url):
-    from entity.runs import RunRow, RunStatus
     from service.runs import RunService
 
     def service(name: str) -> RunService:
@@ -200,24 +209,7 @@ def test_a_server_adopts_or_fails_only_its_own_runs(settings, store_url):
 
     store = TaskStore(store_url)
     runs = service("server-a").store
-    now = utcnow()
-    row = RunRow(
-        id="r1",
-        status=RunStatus.ready,
-        base_model="m",
-        base_path="/m",
-        lora={},
-        seed=0,
-        vocab_size=8,
-        resume_optimizer=1,
-        pending_grads=0,
-        steps=0,
-        pid=2**22 + 7,
-        owner="server-a",
-        created_at=now,
-        last_used_at=now,
-    )
-    runs.add_run(row)
+    runs.add_run(_run_row("r1", RunStatus.ready, pid=2**22 + 7, owner="server-a"))
     other = service("server-b")
     other.start()
     other.stop()
@@ -272,28 +264,10 @@ def test_fine_tuning_jobs_filter_on_json_metadata(client):
 
 
 def test_a_tinker_length_run_id_fits_on_both_backends(store_url):
-    from entity.runs import RunRow, RunStatus
-
     store = TaskStore(store_url)
     runs = RunStore(store.engine)
     run_id = f"{'s' * 40}:train:{2**63}"  # the longest session id the Tinker API accepts, a 64-bit sequence number
-    now = utcnow()
-    runs.add_run(
-        RunRow(
-            id=run_id,
-            status=RunStatus.starting,
-            base_model="m",
-            base_path="/m",
-            lora={},
-            seed=0,
-            vocab_size=8,
-            resume_optimizer=1,
-            pending_grads=0,
-            steps=0,
-            created_at=now,
-            last_used_at=now,
-        )
-    )
+    runs.add_run(_run_row(run_id, RunStatus.starting))
     job = runs.add_job(run_id, "sample", {})
     assert runs.get_job(job.id).run_id == run_id and runs.get_run(run_id).status == RunStatus.starting
 
