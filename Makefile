@@ -26,7 +26,7 @@ run: install model
 	$(PY) main.py
 
 test: install model
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

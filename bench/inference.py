@@ -139,7 +139,7 @@ def make_service(model_dir: Path, name: str, work: Path) -> InferenceService:
             "inference": {"max_tokens_limit": 4096, "max_batch_size": 256},
         },
     )
-    return InferenceService(settings, TaskStore(settings.paths.db_path), ModelCache(1))
+    return InferenceService(settings, TaskStore(settings.database_url), ModelCache(1))
 
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:

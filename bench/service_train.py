@@ -92,7 +92,7 @@ def run_one(work: Path, model: Path, strategy: str, steps: int, batch: int, max_
             "train": {"max_length": max_length, "save_steps": 10**9},
         },
     )
-    store = TaskStore(settings.paths.db_path)
+    store = TaskStore(settings.database_url)
     req = TrainRequest.model_validate(
         {
             "strategy": strategy,

@@ -5,6 +5,7 @@ import logging
 import time
 
 from fastapi import APIRouter, Request
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from controller.deps import RunnerDep, StoreDep
 from entity.health import HealthOut
@@ -22,12 +23,14 @@ class JobCounts:
 
     While /health is polled, calls answer from the last counts at once and a stale value starts one refresh in the
     background, so a slow store never holds a probe up. A call after a quiet spell (counts older than
-    COUNTS_WAIT_AFTER_SECONDS) waits for a fresh read.
+    COUNTS_WAIT_AFTER_SECONDS) waits for a fresh read. A store that does not answer leaves the last counts (zeros
+    when there are none) and clears `store_ok`.
     """
 
     def __init__(self) -> None:
         """Start with nothing read."""
         self.value: dict[str, int] | None = None
+        self.store_ok = True
         self.read_at = 0.0
         self._lock = asyncio.Lock()
         self._refresh: asyncio.Task[None] | None = None
@@ -36,10 +39,11 @@ class JobCounts:
         """Read the counts off the event loop (a failed background refresh keeps the last counts)."""
         try:
             self.value = await asyncio.to_thread(store.counts)
-        except Exception:
-            if self.value is None:
-                raise
-            log.warning("could not refresh the job counts of /health", exc_info=True)
+            self.store_ok = True
+        except (OperationalError, InterfaceError) as exc:
+            log.warning("could not read the job counts of /health: %s", exc.orig or exc)
+            self.value = self.value or {}
+            self.store_ok = False
         self.read_at = time.monotonic()
 
     async def get(self, store: TaskStore) -> dict[str, int]:
@@ -62,15 +66,16 @@ async def health(request: Request, store: StoreDep, runner: RunnerDep) -> Health
         state.job_counts = JobCounts()
     counts = await state.job_counts.get(store)
     return HealthOut(
-        status="ok",
+        status="ok" if state.job_counts.store_ok else "degraded",
+        store="ok" if state.job_counts.store_ok else "unavailable",
         version=VERSION,
         uptime_seconds=round(time.monotonic() - state.started, 1),
         device=state.device,
         base_model=state.settings.models.base_model,
         jobs={
-            "active": counts["running"],
-            "queued": counts["queued"],
-            "total": counts["total"],
+            "active": counts.get("running", 0),
+            "queued": counts.get("queued", 0),
+            "total": counts.get("total", 0),
             # Ray: the cluster's size (asks Ray at most every few seconds, off the event loop)
             "slots": runner.slots if runner.backend is None else await asyncio.to_thread(runner.capacity),
         },

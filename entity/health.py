@@ -2,13 +2,14 @@
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class HealthOut(BaseModel):
     """What /health reports."""
 
-    status: str
+    status: str = Field(description='"ok", or "degraded" while the task store (database) does not answer.')
+    store: str = Field(description='"ok" or "unavailable": whether the last read of the task store worked.')
     version: str
     uptime_seconds: float
     device: dict[str, Any]

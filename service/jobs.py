@@ -15,7 +15,7 @@ from pathlib import Path
 
 from entity.task import TaskKind, TaskRow, TaskStatus
 from service import models
-from service.backends import TaskBackend, TaskHandle, make_backend
+from service.backends import Room, TaskBackend, TaskHandle, make_backend
 from service.tasks import TaskStore
 from service.train.checkpoints import latest_checkpoint
 from service.worker import SETTINGS_ENV
@@ -408,6 +408,12 @@ class JobRunner:
             return self.backend.capacity()
         return self.slots
 
+    def room(self) -> Room:
+        """The most one task may use: this host's GPUs and cores, or on Ray the largest live node's."""
+        if self.backend is not None:
+            return self.backend.room()
+        return Room(models.gpu_count(), usable_cores(), "this server")
+
     def task_cost(self, task: TaskRow) -> int:
         """Job slots a task takes."""
         if self.backend is not None:
@@ -456,6 +462,14 @@ class JobRunner:
             job.handle.kill(self.settings.jobs.cancel_grace_seconds)
             return
         terminate_group(job.pid, job.proc, self.settings.jobs.cancel_grace_seconds)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not just the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def take_ended(

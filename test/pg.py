@@ -38,38 +38,63 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class PgCluster:
+    """One throwaway PostgreSQL cluster in a temp dir on 127.0.0.1 (trust auth, no fsync); stop and start at will."""
+
+    def __init__(self) -> None:
+        """initdb a new cluster (skip, or fail under WINTRAIN_REQUIRE_POSTGRES, when PostgreSQL is missing)."""
+        bindir = pg_bindir()
+        if bindir is None:
+            reason = "PostgreSQL binaries (initdb, pg_ctl) not found; install Debian's `postgresql` package"
+            if os.environ.get(REQUIRE_ENV):
+                pytest.fail(f"{reason} ({REQUIRE_ENV} is set)")
+            pytest.skip(reason)
+        self.bindir = bindir
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
+                pytest.fail("running as root needs `runuser` and a `postgres` system user (Debian's postgresql has it)")
+            self.prefix = ["runuser", "-u", "postgres", "--"]
+        self.root = Path(tempfile.mkdtemp(prefix="wt-pg-"))
+        self.data, self.log = self.root / "data", self.root / "server.log"
+        if self.prefix:
+            shutil.chown(self.root, "postgres")
+        self.port = _free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}"  # the server, without a database
+        init = self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        if init.returncode:
+            pytest.fail(f"initdb failed: {init.stderr}")
+
+    def _run(self, tool: str, *args: str) -> subprocess.CompletedProcess:
+        """Run one of PostgreSQL's programs as the cluster's owner."""
+        return subprocess.run([*self.prefix, str(self.bindir / tool), *args], capture_output=True, text=True)
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
+        start = self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "-t", "60", "start")
+        if start.returncode:
+            pytest.fail(f"pg_ctl start failed: {start.stderr}\n{self.log.read_text() if self.log.exists() else ''}")
+
+    def stop(self) -> None:
+        """Stop the server at once (open connections break, as in an outage)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def remove(self) -> None:
+        """Stop the server and delete the cluster."""
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
-    """Start PostgreSQL in a temp dir on 127.0.0.1 (trust auth, no fsync); yield its URL without a database."""
-    bindir = pg_bindir()
-    if bindir is None:
-        reason = "PostgreSQL binaries (initdb, pg_ctl) not found; install Debian's `postgresql` package"
-        if os.environ.get(REQUIRE_ENV):
-            pytest.fail(f"{reason} ({REQUIRE_ENV} is set)")
-        pytest.skip(reason)
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
-            pytest.fail("running as root needs `runuser` and a `postgres` system user (Debian's postgresql has one)")
-        prefix = ["runuser", "-u", "postgres", "--"]
-    root = Path(tempfile.mkdtemp(prefix="wt-pg-"))
-    data, log = root / "data", root / "server.log"
-    if prefix:
-        shutil.chown(root, "postgres")
-    port = _free_port()
-    run = lambda *cmd: subprocess.run([*prefix, *cmd], capture_output=True, text=True, check=False)  # noqa: E731
-    init = run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-    if init.returncode:
-        pytest.fail(f"initdb failed: {init.stderr}")
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
-    start = run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w", "-t", "60", "start")
-    if start.returncode:
-        pytest.fail(f"pg_ctl start failed: {start.stderr}\n{log.read_text() if log.exists() else ''}")
+    """A PostgreSQL server for the whole session; yield its URL without a database."""
+    cluster = PgCluster()
+    cluster.start()
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+        yield cluster.url
     finally:
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.remove()
 
 
 def create_database(server_url: str) -> str:

@@ -107,7 +107,7 @@ def test_two_nodes_meet_by_c10d_rendezvous_and_run_one_task(settings):
     """Multi-node on CPU: two torchrun "nodes" of one rank each meet on loopback (c10d) and train one task once."""
     (settings.data_dir / "uploads").mkdir(parents=True)
     shutil.copy(SAMPLE, settings.data_dir / "uploads" / "train_sample.json")
-    store = TaskStore(settings.paths.db_path)
+    store = TaskStore(settings.database_url)
     # A runner that is never started: no scheduler claims the task; the two "nodes" below run it, as on paper.
     config = {**FAST, "num_gpus": 1}
     req = TrainRequest(strategy="lora", dataset_path="uploads/train_sample.json", config=config)

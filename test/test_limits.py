@@ -104,14 +104,14 @@ def test_max_runs_holds_under_concurrency(settings):
 
 
 def test_num_gpus_on_cpu_is_capped_at_the_core_count(paused_client):
-    from service.train.service import usable_cores
+    from service.jobs import usable_cores
 
     cores = usable_cores()
     body = {"strategy": "lora", "dataset_path": "train.jsonl", "config": {"max_steps": 1, "num_gpus": cores + 1}}
     r = paused_client.post("/api/train/start", json=body)
     assert r.status_code == 422, r.text
-    assert r.json()["error"]["details"] == {"num_gpus": cores + 1, "cpu_cores": cores}
-    assert "CPU core" in r.json()["error"]["message"]
+    assert r.json()["error"]["details"] == {"num_gpus": cores + 1, "cpu_processes": cores}
+    assert f"this server has room for {cores}" in r.json()["error"]["message"]
 
 
 def test_wait_true_gives_up_after_the_server_timeout_with_the_task_as_it_stands(settings):

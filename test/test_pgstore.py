@@ -5,16 +5,20 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from pg import both_backends, with_database
+from fastapi.testclient import TestClient
+from pg import PgCluster, both_backends, create_database, with_database
 
-from conftest import PROJECT_ROOT, add_task
+from conftest import PROJECT_ROOT, add_task, make_settings
+from controller.health import COUNTS_WAIT_AFTER_SECONDS
 from entity.runs import RunRow, RunStatus
 from entity.task import Base, SchedulerRow, TaskKind, TaskStatus, utcnow
+from main import create_app
 from service import jobs
 from service.db import BASELINE_REVISION, current_revision, head_revision, make_engine
 from service.jobs import JobRunner
@@ -312,3 +316,32 @@ def test_a_second_server_with_the_same_scheduler_id_is_refused(settings, store_u
     with engine.connect() as conn:  # the server's clean stop freed its name
         assert conn.exec_driver_sql("SELECT count(*) FROM schedulers").scalar() == 0
     engine.dispose()
+
+
+def test_a_database_outage_answers_503_and_the_server_recovers_with_it(tmp_path, tiny_model_root):
+    cluster = PgCluster()  # its own server: this test stops it
+    cluster.start()
+    try:
+        settings = with_database(make_settings(tmp_path, tiny_model_root), create_database(cluster.url))
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/api/train/tasks").status_code == 200
+            cluster.stop()
+            for response in (
+                client.get("/api/train/tasks"),
+                client.post("/v1/runs", json={}),
+            ):
+                assert response.status_code == 503, response.text
+                assert response.headers["Retry-After"] == "5"
+                error = response.json()["error"]
+                assert error["type"] == "store_unavailable" and "retry" in error["message"].lower()
+                assert str(cluster.port) not in response.text and "SELECT" not in response.text  # no driver text
+            health = client.get("/health")  # the process stays up and says what is wrong
+            assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
+            assert health.json()["store"] == "unavailable"
+            cluster.start()
+            assert client.get("/api/train/tasks").status_code == 200  # the pool reconnects without a restart
+            time.sleep(COUNTS_WAIT_AFTER_SECONDS)
+            assert client.get("/health").json()["status"] == "ok"
+            assert client.post("/v1/runs", json={}).status_code == 201
+    finally:
+        cluster.remove()

@@ -306,11 +306,22 @@ def test_a_server_starts_its_own_ray_without_its_api_keys(tmp_path, tiny_model_r
     _wait(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ray_procs), "Ray outlived it")
 
 
-def test_a_task_no_node_can_hold_fails_with_the_reason(ray_settings):
+def test_a_task_no_node_can_hold_is_refused_or_fails_with_the_reason(ray_settings):
     jobs = ray_settings.jobs.model_copy(update={"ray_num_cpus": 3.0})  # 3 CPUs for its one process: the node has 2
     with TestClient(create_app(ray_settings.model_copy(update={"jobs": jobs}))) as client:
         _prepare(client)
-        task_id = _train(client, FAST)
+        # A train task states its processes, so the server checks them against the cluster's nodes at once
+        body = {"strategy": "lora", "dataset_path": "sample/train.jsonl", "config": FAST}
+        r = client.post("/api/train/start", json=body)
+        assert r.status_code == 422, r.text
+        message = r.json()["error"]["message"]
+        assert "1 CPU processes, but the largest node of the Ray cluster (2 CPUs, 3 per process" in message, message
+        assert r.json()["error"]["details"] == {"num_gpus": 1, "cpu_processes": 0}
+        # Other tasks are placed when they start: one that no node holds fails with what it needs
+        write_jsonl(ray_settings.data_dir / "eval" / "qa.jsonl", QA)
+        r = client.post("/api/eval/evaluate", json={"dataset_path": "eval/qa.jsonl", "metrics": ["loss"]})
+        assert r.status_code == 202, r.text
+        task_id = r.json()["task_id"]
         task = wait_for(client, task_id, {"failed", "succeeded", "cancelled"}, timeout=30)
     assert task["status"] == "failed"
     assert "needs 3 CPUs and 0 GPUs on one node" in task["error"] and "has 2 CPUs" in task["error"], task["error"]

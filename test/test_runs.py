@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from main import create_app
 from service.jobs import pid_alive
 
+pytestmark = both_backends  # every test here runs on SQLite and on PostgreSQL (test/pg.py)
+
 PROMPT = [11, 220, 3056, 1092, 5078]
 TARGET = [803, 4127, 2954, 611, 9123, 77]
 # One fixed sequence: after the prompt, the run must learn to continue with TARGET.
@@ -60,7 +62,6 @@ def runs_client(settings):
         yield c
 
 
-@both_backends
 def test_training_lowers_the_loss_and_sample_uses_current_weights(runs_client, settings):
     from service.models import load_tokenizer
 
@@ -148,7 +149,6 @@ def test_save_and_load_restore_identical_weights_and_optimizer(runs_client, sett
     assert archive["status"] == "succeeded"
 
 
-@both_backends
 def test_bad_input_and_limits(runs_client):
     client = runs_client
     run_id = _run(client)

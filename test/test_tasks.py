@@ -1,4 +1,4 @@
-"""Task store and job runner: atomic transitions, restart recovery, queue order, exit reasons."""
+"""Task store and job runner on SQLite and PostgreSQL: atomic transitions, restart recovery, queue order, exits."""
 
 import signal
 import subprocess
@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from pg import both_backends
 
 from entity.task import TaskKind, TaskStatus, utcnow
 from main import create_app
@@ -47,8 +48,9 @@ def test_events_after_id(store_url):
     assert [e.message for e in store.events(task.id, after=first)] == ["b"]
 
 
+@both_backends
 def test_restart_fails_orphaned_running_tasks_and_resumes_queue(settings):
-    store = TaskStore(settings.paths.db_path)
+    store = TaskStore(settings.database_url)
     orphan = store.create(TaskKind.train, {})
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -68,8 +70,9 @@ def test_restart_fails_orphaned_running_tasks_and_resumes_queue(settings):
         assert "KeyError" in queued["error"]
 
 
+@both_backends
 def test_restart_adopts_a_live_worker_which_can_be_cancelled(settings):
-    store = TaskStore(settings.paths.db_path)
+    store = TaskStore(settings.database_url)
     task = store.create(TaskKind.train, {})
     store.transition(task.id, TaskStatus.running, (TaskStatus.queued,))  # claimed first, as the runner does
     proc = spawn_ready(fake_worker(task.id), start_new_session=True)
@@ -136,8 +139,9 @@ def test_is_worker_of_refuses_a_process_older_than_the_task():
         proc.wait()
 
 
+@both_backends
 def test_restart_does_not_adopt_a_reused_or_foreign_pid(settings):
-    store = TaskStore(settings.paths.db_path)
+    store = TaskStore(settings.database_url)
     reused = store.create(TaskKind.train, {})
     foreign = store.create(TaskKind.train, {})
     # A process with the exact worker command line that predates the task (a pid reused by an older look-alike),

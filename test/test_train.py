@@ -14,6 +14,8 @@ from conftest import SAMPLE, wait_for, write_jsonl
 from service import models
 from service.jobs import pid_alive
 
+pytestmark = both_backends  # every test here runs on SQLite and on PostgreSQL (test/pg.py)
+
 FAST = {"max_steps": 6, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "save_steps": 3}
 
 
@@ -76,7 +78,6 @@ def test_pipeline_trains_and_saves_loadable_output(client, settings, strategy):
     assert [e["data"]["status"] for e in events if e["type"] == "status"] == ["queued", "running", "succeeded"]
 
 
-@both_backends
 def test_events_stream_over_sse_and_resume(client, settings):
     _prepare_splits(client)
     task_id = _start(client, config={**FAST, "max_steps": 2}).json()["task_id"]
@@ -150,7 +151,6 @@ def test_dataset_without_valid_records_and_busy_output(client, settings):
     assert (settings.model_dir / "outputs" / "full" / "x").read_text() == "keep me"
 
 
-@both_backends
 def test_cancel_running_and_queued_tasks(client, settings):
     _prepare_splits(client)
     long = {**FAST, "max_steps": 100000, "save_steps": 100000}

@@ -312,7 +312,7 @@ def test_interrupted_task_without_checkpoint_fails_and_resumes_are_capped(settin
     from service.jobs import RESTART_ERROR
     from service.tasks import TaskStore
 
-    store = TaskStore(settings.paths.db_path)
+    store = TaskStore(settings.database_url)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     out = settings.model_dir / "outputs" / "capped"

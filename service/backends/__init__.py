@@ -6,9 +6,17 @@ the local path never imports their dependencies (Ray).
 """
 
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from entity.task import TaskRow
+
+
+class Room(NamedTuple):
+    """The most one task may use: GPUs, and processes when there are no GPUs, on the place it runs (`where`)."""
+
+    gpus: int
+    cpu_processes: int
+    where: str
 
 
 class TaskHandle(Protocol):
@@ -44,6 +52,10 @@ class TaskBackend(Protocol):
 
     def cost(self, task: TaskRow) -> int:
         """How many of those slots a task takes."""
+        ...
+
+    def room(self) -> Room:
+        """The most one task may use: the largest live node's GPUs (or CPU processes)."""
         ...
 
     def start(self, task: TaskRow, log_path: Path) -> TaskHandle:

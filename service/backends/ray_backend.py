@@ -20,6 +20,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
 
 from entity.task import TaskRow
+from service.backends import Room
 from service.jobs import describe_exit, spawn_worker, task_processes, terminate_group, worker_args, worker_environment
 from service.worker import DIE_WITH_PARENT_ENV, die_with_parent
 from util.settings import PROJECT_ROOT, Settings
@@ -230,9 +231,23 @@ class RayBackend:
         ).remote(self.settings.model_dump_json(exclude={"auth"}), worker_args(task), str(log_path))
         return RayTaskHandle(actor, name, resources)
 
+    def room(self) -> Room:
+        """The largest live node's GPUs, and how many jobs.ray_num_cpus-CPU processes it holds (a task is one node)."""
+        nodes = self._live_nodes()
+        gpus = max((node.get("GPU", 0) for node in nodes), default=0)
+        cpus = max((node.get("CPU", 0) for node in nodes), default=0)
+        per = self.settings.jobs.ray_num_cpus
+        where = f"the largest node of the Ray cluster ({cpus:g} CPUs, {per:g} per process by jobs.ray_num_cpus)"
+        return Room(int(gpus), int(cpus // per), where)
+
+    @staticmethod
+    def _live_nodes() -> list[dict[str, float]]:
+        """The resources of each live node."""
+        return [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+
     def _check_fits_a_node(self, resources: dict[str, float]) -> None:
         """Refuse a task no single live node can hold: Ray would keep its actor pending forever."""
-        nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+        nodes = self._live_nodes()
         wanted = {"CPU": resources["num_cpus"], "GPU": resources["num_gpus"]}
         if any(all(node.get(key, 0) >= amount for key, amount in wanted.items()) for node in nodes):
             return

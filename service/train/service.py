@@ -1,6 +1,5 @@
 """The training service: checks a train request up front, then queues it as a task."""
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +15,6 @@ from util.errors import ConflictError, InvalidInputError, NotFoundError
 from util.files import check_replaceable
 from util.paths import resolve_client_path, resolve_output
 from util.settings import Settings
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not just the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def task_request(
@@ -121,19 +112,18 @@ class TrainService:
         return path
 
     def _processes(self, req: TrainRequest) -> int:
-        """How many processes the task runs: one per GPU (all visible by default), or as asked on CPU."""
-        gpus = models.gpu_count()
+        """How many processes the task runs: one per GPU (all of one node by default), or as asked on CPU."""
+        gpus, cpu_processes, where = self.runner.room()  # this server, or the largest node of the Ray cluster
         wanted = req.config.num_gpus or self.settings.train.num_gpus or max(1, gpus)
         if gpus and wanted > gpus:
             raise InvalidInputError(
-                f"num_gpus {wanted} is more than the {gpus} GPU(s) this server sees.",
+                f"num_gpus {wanted} is more than the {gpus} GPU(s) of {where}.",
                 details={"num_gpus": wanted, "visible_gpus": gpus},
             )
-        cores = usable_cores()
-        if not gpus and wanted > cores:  # on CPU each process is a rank: more ranks than cores only thrash
+        if not gpus and wanted > cpu_processes:  # on CPU each process is a rank: more ranks than cores only thrash
             raise InvalidInputError(
-                f"num_gpus {wanted} asks for {wanted} CPU processes, but this server has {cores} CPU core(s).",
-                details={"num_gpus": wanted, "cpu_cores": cores},
+                f"num_gpus {wanted} asks for {wanted} CPU processes, but {where} has room for {cpu_processes}.",
+                details={"num_gpus": wanted, "cpu_processes": cpu_processes},
             )
         return wanted
 
