@@ -7,9 +7,9 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.db import STORE_ERRORS, store_error_text
 from util.errors import AppError, validation_message
 
 log = logging.getLogger(__name__)
@@ -60,21 +60,22 @@ def install_error_handlers(app: FastAPI) -> None:
             message += " /docs lists the routes."
         return error_response(exc.status_code, type_, message, request=request)
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(InterfaceError)
-    async def _store_unavailable(request: Request, exc: OperationalError | InterfaceError) -> JSONResponse:
+    async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
         # The database is down, restarting or locked past its timeout: the request can be retried as is. The
         # driver's text (SQL, parameters, server address) stays in the log.
-        log.warning("task store unavailable: %s", exc.orig or exc)
+        log.warning("task store unavailable: %s", store_error_text(exc))
         return error_response(
             503,
             "store_unavailable",
             f"The task store (database) is not answering; it may be down or restarting. Retry in"
             f" {STORE_RETRY_AFTER_SECONDS} s.",
-            {"reason": type(exc.orig or exc).__name__},
+            {"reason": type(getattr(exc, "orig", None) or exc).__name__},
             request,
             {"Retry-After": str(STORE_RETRY_AFTER_SECONDS)},
         )
+
+    for store_error in STORE_ERRORS:
+        app.add_exception_handler(store_error, _store_unavailable)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -5,10 +5,10 @@ import logging
 import time
 
 from fastapi import APIRouter, Request
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from controller.deps import RunnerDep, StoreDep
 from entity.health import HealthOut
+from service.db import STORE_ERRORS, store_error_text
 from service.tasks import TaskStore
 from util.settings import VERSION
 
@@ -40,8 +40,8 @@ class JobCounts:
         try:
             self.value = await asyncio.to_thread(store.counts)
             self.store_ok = True
-        except (OperationalError, InterfaceError) as exc:
-            log.warning("could not read the job counts of /health: %s", exc.orig or exc)
+        except STORE_ERRORS as exc:
+            log.warning("could not read the job counts of /health: %s", store_error_text(exc))
             self.value = self.value or {}
             self.store_ok = False
         self.read_at = time.monotonic()

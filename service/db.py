@@ -2,15 +2,18 @@
 
 import fcntl
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import ColumnElement, Connection, Engine, create_engine, event, func, inspect, make_url, text
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from util.errors import InvalidInputError
@@ -22,6 +25,29 @@ MIGRATIONS_DIR = PROJECT_ROOT / "migrations"
 BASELINE_REVISION = "0001"  # the schema of the release before migrations existed
 WRITE_LOCK_KEY = 0x57_54_53  # pg_advisory_xact_lock key of the store's write sections ("WTS")
 MIGRATE_LOCK_KEY = 0x57_54_4D  # pg_advisory_lock key held while migrating ("WTM")
+# The database did not answer: down, restarting, unreachable, or (SQLite) locked past its busy timeout
+STORE_ERRORS = (OperationalError, InterfaceError)
+T = TypeVar("T")
+
+
+def store_error_text(exc: BaseException) -> str:
+    """The driver's own message of a store error (without SQLAlchemy's statement and parameters)."""
+    return str(getattr(exc, "orig", None) or exc).strip()
+
+
+def retry_store(call: Callable[[], T], seconds: float, what: str) -> T:
+    """Run `call`, retrying with backoff while the database does not answer, for up to `seconds`; then raise."""
+    deadline = time.monotonic() + seconds
+    delay = 0.5
+    while True:
+        try:
+            return call()
+        except STORE_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("task store unavailable while %s (%s); retrying in %.1f s", what, store_error_text(exc), delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
 
 
 def database_url(target: str | Path) -> str:

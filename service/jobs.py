@@ -16,6 +16,7 @@ from pathlib import Path
 from entity.task import TaskKind, TaskRow, TaskStatus
 from service import models
 from service.backends import Room, TaskBackend, TaskHandle, make_backend
+from service.db import STORE_ERRORS, store_error_text
 from service.tasks import TaskStore
 from service.train.checkpoints import latest_checkpoint
 from service.worker import SETTINGS_ENV
@@ -398,9 +399,12 @@ class JobRunner:
 
     def _reap(self) -> None:
         """Record the end of every child that has exited."""
-        for job, reason, error in take_ended(self._running, self._lock):
-            # Only fires if the child died without recording its own outcome.
+
+        def record(job: RunningJob, reason: str, error: str) -> None:
+            # Only changes anything if the child died without recording its own outcome.
             self.store.move(job.task_id, TaskStatus.failed, (TaskStatus.running,), reason, error=error)
+
+        record_ended(self._running, self._lock, record)
 
     def capacity(self) -> int:
         """Job slots: jobs.max_concurrent_jobs, else the backend's (Ray: the cluster's GPUs or CPUs), else local."""
@@ -488,6 +492,24 @@ def take_ended(
         tail = read_tail(job.log_path, tail_chars)
         ended.append((job, reason, f"{reason}\n{tail}".strip()))
     return ended
+
+
+def record_ended(
+    running: dict[str, RunningJob],
+    lock: threading.RLock,
+    record: Callable[[RunningJob, str, str], None],
+    tail_chars: int = LOG_TAIL_CHARS,
+) -> None:
+    """Record each exited worker through `record`; one the store cannot take now stays for the next pass."""
+    for job, reason, error in take_ended(running, lock, tail_chars):
+        try:
+            record(job, reason, error)
+        except STORE_ERRORS as exc:
+            with lock:
+                running.setdefault(job.task_id, job)
+            log.warning(
+                "task store unavailable; the end of %s is recorded later (%s)", job.task_id, store_error_text(exc)
+            )
 
 
 SECRET_ENV = ("API_KEYS",)  # exact names; every WT_AUTH__* variable is left out too

@@ -37,9 +37,9 @@ from service.jobs import (
     RunningJob,
     is_worker_of,
     process_start,
+    record_ended,
     scheduler_owner,
     spawn_worker,
-    take_ended,
     terminate_group,
 )
 from service.tasks import TaskStore, lock_for_write
@@ -371,8 +371,12 @@ class RunService:
     def _watch(self) -> None:
         """Notice workers that died without recording why."""
         while not self._stop.wait(0.5):
-            for worker, _, error in take_ended(self._workers, self._lock, 2000):
-                self._fail(worker.task_id, error, only_live=True)
+            try:
+                record_ended(
+                    self._workers, self._lock, lambda w, _, error: self._fail(w.task_id, error, only_live=True), 2000
+                )
+            except Exception:  # the watcher must outlive any one pass
+                log.exception("run watcher pass failed")
 
     def _fail(self, run_id: str, reason: str, only_live: bool = False) -> None:
         """Mark a run failed (freeing its slot) and fail its unfinished jobs."""

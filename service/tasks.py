@@ -1,6 +1,7 @@
 """The durable task store (SQLite or PostgreSQL through SQLAlchemy), shared by the servers and job processes."""
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,10 +23,11 @@ from entity.task import (
     TaskStatus,
     utcnow,
 )
-from service.db import is_postgres, lock_for_write, make_engine
+from service.db import STORE_ERRORS, is_postgres, lock_for_write, make_engine, store_error_text
 from util.errors import AppError, ConflictError, NotFoundError
 
 __all__ = ["QueueFullError", "TaskStore", "lock_for_write", "make_engine"]
+log = logging.getLogger(__name__)
 
 PROGRESS_FIELDS = {
     "progress",
@@ -50,10 +52,27 @@ class QueueFullError(AppError):
 class TaskStore:
     """CRUD and atomic status transitions for tasks and their events."""
 
-    def __init__(self, db: str | Path) -> None:
-        """Open (creating or migrating as needed) the store at a SQLAlchemy URL or a SQLite file path."""
+    def __init__(self, db: str | Path, best_effort_reports: bool = False) -> None:
+        """Open (creating or migrating as needed) the store at a SQLAlchemy URL or a SQLite file path.
+
+        best_effort_reports (workers): progress and events that the database does not take are logged and dropped,
+        so an outage loses some points of a curve, not the task.
+        """
         self.engine = make_engine(db)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.best_effort_reports = best_effort_reports
+        self.dropped_reports = 0
+
+    @contextmanager
+    def _report(self, what: str) -> Iterator[None]:
+        """Around a progress or event write: with best_effort_reports, a store error drops the write."""
+        try:
+            yield
+        except STORE_ERRORS as exc:
+            if not self.best_effort_reports:
+                raise
+            self.dropped_reports += 1
+            log.warning("task store unavailable; dropped a %s write (%s)", what, store_error_text(exc))
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -325,7 +344,7 @@ class TaskStore:
         unknown = set(fields) - PROGRESS_FIELDS
         if unknown:
             raise ValueError(f"Not progress fields: {sorted(unknown)}")
-        with self.session() as s:
+        with self._report("progress"), self.session() as s:
             s.execute(update(TaskRow).where(TaskRow.id == task_id).values(**fields))
 
     def add_event(
@@ -336,12 +355,13 @@ class TaskStore:
         data: dict[str, Any] | None = None,
         level: str = "info",
     ) -> int:
-        """Append an event to a task and return its id."""
+        """Append an event to a task and return its id (0 when a best-effort report was dropped)."""
         row = EventRow(task_id=task_id, type=type_, message=message, data=data, level=level, created_at=utcnow())
-        with self.session() as s:
+        with self._report("event"), self.session() as s:
             s.add(row)
             s.flush()
             return row.id
+        return 0
 
     def purge_events(self, finished_before: datetime) -> list[str]:
         """Delete the events of tasks that finished before a time; return those tasks' ids (the tasks stay)."""

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from entity.task import TaskKind, TaskStatus
+from service.db import retry_store
 from service.tasks import TaskStore
 from service.train import pause
 from util.settings import Settings
@@ -19,6 +20,7 @@ TRACEBACK_LINES = 30
 SETTINGS_ENV = "WT_SETTINGS_JSON"  # how service.jobs.spawn_worker hands the settings to a worker process
 DIE_WITH_PARENT_ENV = "WT_DIE_WITH_PARENT"  # set: the worker gets SIGKILL when its parent dies (Ray actors)
 PR_SET_PDEATHSIG = 1
+OUTCOME_RETRY_SECONDS = 600.0  # how long a finished worker waits for the database to take its outcome
 
 Handler = Callable[[Settings, TaskStore, str, dict[str, Any]], dict[str, Any]]
 
@@ -95,29 +97,34 @@ def run_task(settings: Settings, task_id: str) -> int:
     Under torchrun every rank runs this: any rank records a failure (the first one wins), rank 0 the success.
     """
     rank = int(os.environ.get("RANK", "0"))
-    store = TaskStore(settings.database_url)
+    store = TaskStore(settings.database_url, best_effort_reports=True)  # an outage drops progress, not the task
     task = store.get(task_id)
     if task.status != TaskStatus.running:
         return 0  # cancelled between claim and start: nothing to do
     handler = HANDLERS.get(task.kind)
+
+    def record(status: TaskStatus, message: str | None = None, **fields: Any) -> None:
+        """Record the outcome, waiting out a database outage (it is what the task was for)."""
+        move = lambda: store.move(task_id, status, (TaskStatus.running,), message, **fields)  # noqa: E731
+        retry_store(move, OUTCOME_RETRY_SECONDS, f"recording task {task_id} as {status.value}")
+
     try:
         if handler is None:
             raise ValueError(f"No handler for task kind '{task.kind}'.")
         metrics = handler(settings, store, task_id, task.request)
     except Terminated as exc:
-        store.move(task_id, TaskStatus.failed, (TaskStatus.running,), str(exc), error=str(exc))
+        record(TaskStatus.failed, str(exc), error=str(exc))
         return 143
     except BaseException as exc:  # noqa: BLE001 - every failure must land in the store
         where = f"rank {rank}: " if "RANK" in os.environ else ""
         error = where + format_error(exc)
-        message = f"failed: {where}{type(exc).__name__}: {exc}"
-        store.move(task_id, TaskStatus.failed, (TaskStatus.running,), message, error=error)
+        record(TaskStatus.failed, f"failed: {where}{type(exc).__name__}: {exc}", error=error)
         return 1
     if metrics.get("paused"):  # the server marked it paused before signalling; this covers a stray signal
-        store.move(task_id, TaskStatus.paused, (TaskStatus.running,), "paused")
+        record(TaskStatus.paused, "paused")
         return 0
     if rank == 0:
-        store.move(task_id, TaskStatus.succeeded, (TaskStatus.running,), metrics=metrics, progress=100.0)
+        record(TaskStatus.succeeded, metrics=metrics, progress=100.0)
     return 0
 
 

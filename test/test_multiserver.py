@@ -1,8 +1,12 @@
 """Two API servers (two `main.py` processes) on one PostgreSQL store: each task runs once, both serve every task,
-and a cancel sent to the server that did not start a task still kills its worker."""
+a cancel sent to the server that did not start a task still kills its worker, and a killed server's tasks wait for
+its own restart."""
 
 import json
+import os
+import signal
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -10,7 +14,7 @@ import pytest
 
 from conftest import SAMPLE, start_server, stop_server
 from entity.task import TaskStatus
-from service.jobs import pid_alive
+from service.jobs import RESTART_ERROR, pid_alive
 from service.tasks import TaskStore
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -51,21 +55,49 @@ def two_servers(tmp_path: Path, tiny_model_root: Path, pg_url: str):
         "database": {"url": pg_url},
         "jobs": {"poll_interval": 0.2, "max_concurrent_jobs": 2, "cancel_grace_seconds": 2.0},
     }
-    servers = []
+    servers: list[tuple[str, object]] = []
+
+    def start(index: int) -> str:
+        """Start server a (0) or b (1) with its own config and name; restarting one reuses both."""
+        name = "ab"[index]
+        (tmp_path / name).mkdir(exist_ok=True)
+        jobs = {**extra["jobs"], "scheduler_id": f"server-{name}"}
+        url, proc = start_server(tmp_path / name, tiny_model_root, {**extra, "jobs": jobs})
+        servers.append((url, proc))
+        return url
+
     try:
-        for name in ("a", "b"):  # one host: each server names itself (the default, the host name, is shared)
-            (tmp_path / name).mkdir()
-            jobs = {**extra["jobs"], "scheduler_id": f"server-{name}"}
-            servers.append(start_server(tmp_path / name, tiny_model_root, {**extra, "jobs": jobs}))
-        yield [url for url, _ in servers], TaskStore(pg_url)
+        # one host: each server names itself (the default, the host name, is shared)
+        yield [start(0), start(1)], TaskStore(pg_url), servers, start
     finally:
         for _, proc in servers:
             stop_server(proc)
     assert not (shared / "t.db").exists()  # nothing went to a SQLite file
 
 
+def _start_long_training(url: str, store: TaskStore) -> str:
+    """Upload the sample and start a LoRA task that trains until stopped; its id, once it is training."""
+    name = f"s-{uuid.uuid4().hex[:8]}"
+    up = httpx.post(f"{url}/api/data/upload", files={"file": (f"{name}.json", SAMPLE.read_bytes())}, timeout=30)
+    assert up.status_code == 201, up.text
+    body = {
+        "strategy": "lora",
+        "dataset_path": f"uploads/{name}.json",
+        "output_dir": f"outputs/{name}",
+        "config": {"max_steps": 100000, "per_device_train_batch_size": 1, "save_steps": 100000},
+    }
+    long = httpx.post(f"{url}/api/train/start", json=body, timeout=30)
+    assert long.status_code == 202, long.text
+    task_id = long.json()["task_id"]
+    deadline = time.monotonic() + 120
+    while (row := store.get(task_id)).current_step < 1:  # training, past the worker's own status check
+        assert row.status in ("queued", "running") and time.monotonic() < deadline, (row.status, row.error)
+        time.sleep(0.2)
+    return task_id
+
+
 def test_two_servers_share_one_store(two_servers):
-    (a, b), store = two_servers
+    (a, b), store, _, _ = two_servers
     urls = [a, b]
     ids = []
     for n in range(10):  # archive exports of the tiny base: real tasks that take seconds
@@ -90,20 +122,8 @@ def test_two_servers_share_one_store(two_servers):
     assert _sse_kinds(a, ids[1])[-1] == _sse_kinds(b, ids[0])[-1] == "end"  # SSE from both, events from the store
 
     # A cancel sent to the server that did not start the task still kills its worker.
-    up = httpx.post(f"{a}/api/data/upload", files={"file": ("s.json", SAMPLE.read_bytes())}, timeout=30)
-    assert up.status_code == 201, up.text
-    body = {
-        "strategy": "lora",
-        "dataset_path": "uploads/s.json",
-        "config": {"max_steps": 100000, "per_device_train_batch_size": 1, "save_steps": 100000},
-    }
-    long = httpx.post(f"{a}/api/train/start", json=body, timeout=30)
-    assert long.status_code == 202, long.text
-    task_id = long.json()["task_id"]
-    deadline = time.monotonic() + 120
-    while (row := store.get(task_id)).current_step < 1:  # training, past the worker's own status check
-        assert row.status in ("queued", "running") and time.monotonic() < deadline, (row.status, row.error)
-        time.sleep(0.2)
+    task_id = _start_long_training(a, store)
+    row = store.get(task_id)
     owner, other = (a, b) if row.owner == "server-a" else (b, a)
     cancelled = httpx.post(f"{other}/api/train/cancel/{task_id}", timeout=30)
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
@@ -118,3 +138,39 @@ def test_two_servers_share_one_store(two_servers):
         assert httpx.get(f"{url}/health", timeout=10).json()["jobs"]["active"] == 0
     again = httpx.post(f"{owner}/api/train/cancel/{task_id}", timeout=30)
     assert again.status_code == 409 and json.loads(again.text)["error"]["type"]
+
+
+def _wait_dead(pid: int, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_a_killed_server_leaves_its_tasks_to_its_own_restart(two_servers):
+    urls, store, servers, start = two_servers
+    first = _start_long_training(urls[0], store)
+    second = _start_long_training(urls[1], store)
+    rows = {task_id: store.get(task_id) for task_id in (first, second)}
+    victim = "ab".index(rows[first].owner[-1])  # the server that runs the first task
+    survivor = urls[1 - victim]
+    os.kill(servers[victim][1].pid, signal.SIGKILL)  # no shutdown: its workers live on, its rows say running
+    servers[victim][1].wait()
+    os.kill(rows[first].pid, signal.SIGKILL)  # and the first task's worker dies while its server is down
+    _wait_dead(rows[first].pid, "the worker outlived SIGKILL")
+    time.sleep(3)  # many passes of the surviving scheduler: it must leave the other server's tasks alone
+    for task_id in (first, second):
+        assert httpx.get(f"{survivor}/api/train/status/{task_id}", timeout=10).json()["status"] == "running"
+    assert pid_alive(rows[second].pid)
+
+    restarted = start(victim)  # same jobs.scheduler_id: it takes its tasks back by today's restart rule
+    task = httpx.get(f"{restarted}/api/train/status/{first}", timeout=10).json()
+    assert task["status"] == "failed" and task["error"] == RESTART_ERROR, task  # its worker was gone
+    assert httpx.get(f"{survivor}/api/train/status/{first}", timeout=10).json()["status"] == "failed"
+    # The second task's worker is alive: whichever server owns it still runs it, and a cancel through the
+    # server that did not start it still kills it.
+    assert httpx.get(f"{restarted}/api/train/status/{second}", timeout=10).json()["status"] == "running"
+    other = survivor if rows[second].owner == rows[first].owner else restarted
+    cancelled = httpx.post(f"{other}/api/train/cancel/{second}", timeout=30)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+    _wait_dead(rows[second].pid, "the cancelled worker of the second task lives on")

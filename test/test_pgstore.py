@@ -14,7 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from fastapi.testclient import TestClient
 from pg import PgCluster, both_backends, create_database, with_database
 
-from conftest import PROJECT_ROOT, add_task, make_settings
+from conftest import PROJECT_ROOT, SAMPLE, add_task, make_settings, wait_for
 from controller.health import COUNTS_WAIT_AFTER_SECONDS
 from entity.runs import RunRow, RunStatus
 from entity.task import Base, SchedulerRow, TaskKind, TaskStatus, utcnow
@@ -343,5 +343,44 @@ def test_a_database_outage_answers_503_and_the_server_recovers_with_it(tmp_path,
             time.sleep(COUNTS_WAIT_AFTER_SECONDS)
             assert client.get("/health").json()["status"] == "ok"
             assert client.post("/v1/runs", json={}).status_code == 201
+    finally:
+        cluster.remove()
+
+
+def test_a_task_trains_through_a_database_outage_and_its_outcome_lands_after_it(tmp_path, tiny_model_root):
+    cluster = PgCluster()
+    cluster.start()
+    try:
+        settings = with_database(make_settings(tmp_path, tiny_model_root), create_database(cluster.url))
+        with TestClient(create_app(settings)) as client:
+            up = client.post("/api/data/upload", files={"file": ("s.json", SAMPLE.read_bytes())})
+            assert up.status_code == 201, up.text
+            config = {"max_steps": 40, "per_device_train_batch_size": 1, "save_steps": 1000, "logging_steps": 1}
+            r = client.post(
+                "/api/train/start", json={"strategy": "lora", "dataset_path": "uploads/s.json", "config": config}
+            )
+            assert r.status_code == 202, r.text
+            task_id = r.json()["task_id"]
+            store = client.app.state.store
+            deadline = time.monotonic() + 120
+            while (row := store.get(task_id)).current_step < 2:  # training, and reporting each step
+                assert time.monotonic() < deadline and row.status in ("queued", "running"), (row.status, row.error)
+                time.sleep(0.1)
+            cluster.stop()  # the worker's reports fail from here on; the scheduler's passes too
+            time.sleep(4)
+            assert client.get(f"/api/train/status/{task_id}").status_code == 503
+            cluster.start()
+            task = wait_for(client, task_id, {"succeeded", "failed", "cancelled"})
+            assert task["status"] == "succeeded", task["error"]
+            assert task["metrics"]["global_step"] == 40 and task["progress"] == 100.0
+            log = (settings.data_dir / "logs" / f"{task_id}.log").read_text()
+            # it trained through the outage (reports dropped), or finished in it and waited to record the outcome
+            assert "task store unavailable" in log, log[-3000:]
+            statuses = [
+                e["data"]["status"]
+                for e in client.get(f"/api/train/logs/{task_id}").json()["items"]
+                if e["type"] == "status"
+            ]
+            assert statuses[-1] == "succeeded"
     finally:
         cluster.remove()
