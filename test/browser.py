@@ -32,9 +32,13 @@ def chromium_missing() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[object]:
-    """One headless Chromium for the session."""
+    """One headless Chromium per test module.
+
+    Not per session: Playwright's sync API keeps an asyncio loop running on the main thread while it is open, and
+    a later module's `asyncio.run` (the SDK's async tests) would then refuse to start.
+    """
     reason = chromium_missing()
     if reason:
         pytest.skip(reason)

@@ -207,10 +207,14 @@ def test_8_concurrent_chats_over_4_adapters_with_2_slots_are_200_or_429_and_righ
                 assert r.json()["error"]["type"] == "overloaded"
         engine = client.app.state.model_cache.get(settings.model_dir / served[0]).engine
         assert len(engine.lora.loaded()) <= 2 and client.app.state.model_cache.loads == 1
+        alone = {}  # one request at a time always gets a slot (the least recently used adapter is evicted)
+        for body in bodies[:4]:
+            r = client.post("/api/inference/chat", json=body)
+            assert r.status_code == 200, r.text
+            alone[body["model"]] = r.json()["content"]
         for body, r in zip(bodies, replies, strict=True):  # each answer is its adapter's, whatever ran beside it
             if r.status_code == 200:
-                alone = client.post("/api/inference/chat", json=body)
-                assert alone.status_code == 200 and alone.json()["content"] == r.json()["content"]
+                assert r.json()["content"] == alone[body["model"]]
         health = client.get("/health").json()["inference"]
         assert health["model_loads"] == 1 and 1 <= health["adapters"] <= 2
         loads, evictions = health["adapter_loads"], health["adapter_evictions"]
