@@ -146,7 +146,8 @@ class ExportService:
             )
         path = Path(task.output_dir or "")
         if not path.is_file():
-            raise NotFoundError(f"The archive of task '{task_id}' is gone from {path}.")
+            # the file name only: the server's own folders stay in the server
+            raise NotFoundError(f"The archive of task '{task_id}' ({path.name}) is gone.", details={"task_id": task_id})
         return path
 
 

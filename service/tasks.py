@@ -61,7 +61,6 @@ class TaskStore:
         self.engine = make_engine(db)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.best_effort_reports = best_effort_reports
-        self.dropped_reports = 0
 
     @contextmanager
     def _report(self, what: str) -> Iterator[None]:
@@ -71,7 +70,6 @@ class TaskStore:
         except STORE_ERRORS as exc:
             if not self.best_effort_reports:
                 raise
-            self.dropped_reports += 1
             log.warning("task store unavailable; dropped a %s write (%s)", what, store_error_text(exc))
 
     @contextmanager
