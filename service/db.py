@@ -50,6 +50,30 @@ def retry_store(call: Callable[[], T], seconds: float, what: str) -> T:
             delay = min(2 * delay, 10.0)
 
 
+class Patient:
+    """A store whose every method call waits out a database outage (up to `seconds`) instead of raising.
+
+    For a worker whose state lives only in its own memory (a run's weights), where giving up would lose it. A write
+    whose commit reached the database but whose answer did not is sent again, as any retry would.
+    """
+
+    def __init__(self, store: object, seconds: float) -> None:
+        """Wrap `store`."""
+        self._store = store
+        self._seconds = seconds
+
+    def __getattr__(self, name: str) -> object:
+        """The store's attribute; a method comes back wrapped in retry_store."""
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        def patient(*args: object, **kwargs: object) -> object:
+            return retry_store(lambda: attr(*args, **kwargs), self._seconds, name)
+
+        return patient
+
+
 def database_url(target: str | Path) -> str:
     """A SQLAlchemy URL: a filesystem path becomes a SQLite URL, a URL is kept."""
     text_ = str(target)

@@ -365,6 +365,8 @@ class JobRunner:
                 if time.monotonic() - last_purge > PURGE_EVERY_SECONDS:
                     last_purge = time.monotonic()
                     self.purge_expired()
+            except STORE_ERRORS as exc:  # an outage: one line per pass, not a traceback
+                log.warning("scheduler pass skipped: task store unavailable (%s)", store_error_text(exc))
             except Exception:
                 log.exception("scheduler tick failed")
             self._wake.wait(self.settings.jobs.poll_interval)

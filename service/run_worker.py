@@ -15,13 +15,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
 from entity.runs import ChatExample, ForwardBackwardRequest, OptimStepRequest, RunRow, RunStatus, SampleRequest
 from service import losses, models
+from service.db import Patient
 from service.engine import Engine, EngineConfig, SamplingParams
 from service.runs import RUN_STATE_KIND, RunStore, adopt_legacy_state, checkpoint_dir
 from service.tasks import make_engine
@@ -36,6 +37,7 @@ AUTOSAVE = "autosave"
 SAMPLER_DIR, EPHEMERAL, KEEP_SNAPSHOTS = "sampler_weights", "ephemeral-", 3  # Tinker's unnamed sampler saves
 IDLE_BACKOFF_AFTER = 5.0  # seconds without a job before polling slows down
 IDLE_POLL = 0.25
+STORE_OUTAGE_SECONDS = 600.0  # a database outage this long is waited out: the run's weights live only in this process
 SAMPLE_KINDS = frozenset({"sample", "sample_tokens"})  # jobs that only read the weights: batched together
 MAX_SAMPLE_BATCH = 256  # sampling jobs claimed at once (each up to 64 rows; the engine runs 64 rows at a time)
 ENGINE_MAX_RUNNING = 64
@@ -558,7 +560,7 @@ def pause(state: RunState, store: RunStore, why: str) -> None:
 
 def serve(settings: Settings, run_id: str) -> int:
     """Load the run, then execute its jobs until it is deleted, stopped, or idle past the TTL."""
-    store = RunStore(make_engine(settings.database_url))
+    store = cast(RunStore, Patient(RunStore(make_engine(settings.database_url)), STORE_OUTAGE_SECONDS))
     run = store.get_run(run_id)
     try:
         state = RunState(run, settings)
