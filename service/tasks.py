@@ -207,6 +207,14 @@ class TaskStore:
         **fields: Any,
     ) -> bool:
         """Atomically move a task to `to` only if it is in `allowed_from`; return whether it moved."""
+        with self.session() as s:
+            return self._transition(s, task_id, to, allowed_from, fields)
+
+    @staticmethod
+    def _transition(
+        s: Session, task_id: str, to: TaskStatus, allowed_from: tuple[TaskStatus, ...], fields: dict[str, Any]
+    ) -> bool:
+        """The conditional update of `transition`, inside a caller's session."""
         values: dict[str, Any] = {"status": to, **fields}
         if to == TaskStatus.running:
             values.setdefault("started_at", utcnow())
@@ -214,11 +222,10 @@ class TaskStore:
             values.setdefault("finished_at", utcnow())
         stmt = (
             update(TaskRow)
-            .where(TaskRow.id == task_id, TaskRow.status.in_([s.value for s in allowed_from]))
+            .where(TaskRow.id == task_id, TaskRow.status.in_([st.value for st in allowed_from]))
             .values(**values)
         )
-        with self.session() as s:
-            return s.execute(stmt).rowcount == 1
+        return s.execute(stmt).rowcount == 1
 
     def move(
         self,
@@ -228,14 +235,24 @@ class TaskStore:
         message: str | None = None,
         **fields: Any,
     ) -> bool:
-        """Transition like `transition` and, if the task moved, record a status event."""
-        moved = self.transition(task_id, to, allowed_from, **fields)
-        if moved:
-            data: dict[str, Any] = {"status": to.value}
-            if fields.get("metrics"):
-                data["metrics"] = fields["metrics"]
-            level = "error" if to == TaskStatus.failed else "info"
-            self.add_event(task_id, "status", message or to.value, data, level=level)
+        """Transition like `transition` and, if the task moved, record a status event in the same transaction."""
+        data: dict[str, Any] = {"status": to.value}
+        if fields.get("metrics"):
+            data["metrics"] = fields["metrics"]
+        level = "error" if to == TaskStatus.failed else "info"
+        with self.session() as s:
+            moved = self._transition(s, task_id, to, allowed_from, fields)
+            if moved:
+                s.add(
+                    EventRow(
+                        task_id=task_id,
+                        type="status",
+                        message=message or to.value,
+                        data=data,
+                        level=level,
+                        created_at=utcnow(),
+                    )
+                )
         return moved
 
     def claim_next(self, owner: str, fits: Callable[[TaskRow], bool] = lambda _task: True) -> TaskRow | None:
