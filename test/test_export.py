@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -150,6 +151,12 @@ def test_archive_downloads_extracts_and_loads_with_peft(client, settings, adapte
     base2 = AutoModelForCausalLM.from_pretrained(settings.base_model_path(), dtype=torch.float32)
     original = PeftModel.from_pretrained(base2, adapter_dir).eval()
     assert np.array_equal(_logits(extracted, ids, mask), _logits(original, ids, mask))
+
+    Path(final["output_dir"]).unlink()  # deleted on the server afterwards: a 404 that names the file, not the folder
+    gone = client.get(f"/api/export/download/{export_id}")
+    assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found"
+    assert f"{export_id}.tar.gz" in gone.text and str(settings.model_dir) not in gone.text
+    assert str(settings.data_dir) not in gone.text
 
 
 def test_archive_of_a_full_model(client):
