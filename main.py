@@ -17,10 +17,13 @@ from controller import data, export, files, fine_tuning, health, inference, open
 from controller import eval as eval_routes
 from controller import ui as ui_routes
 from controller.auth import key_digests, require_api_key
+from controller.client_paths import ClientPaths
 from controller.docs import install_offline_docs
 from controller.errors import install_error_handlers
+from controller.guard import RequestGuard
 from controller.openapi import TAGS, error_responses, install_openapi
 from service.data import DataService
+from service.db import relocate_legacy_store
 from service.engine import EngineConfig
 from service.eval import EvalService
 from service.export import ExportService
@@ -46,9 +49,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal settings  # where the task database really is, once an old install's has moved out of data/
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         (settings.model_dir / "outputs").mkdir(parents=True, exist_ok=True)
+        if settings.database.url is None:  # an install whose database sits in the data dir: move it out first
+            db_path = relocate_legacy_store(settings.paths.db_path, settings.data_dir)
+            settings = settings.model_copy(update={"paths": settings.paths.model_copy(update={"db_path": db_path})})
         store = TaskStore(settings.database_url)
+        store.stall_seconds = settings.jobs.stall_seconds  # the tasks it reads say whether they are stalled
         runner = JobRunner(settings, store)
         app.state.settings = settings
         app.state.api_key_digests = key_digests(settings)
@@ -90,6 +98,8 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, settings=settings)  # key, body size, JSON depth: before a body byte is read
+    app.add_middleware(ClientPaths, settings=settings)  # responses show paths relative to their root
     install_offline_docs(app)
     ui_routes.install(app)  # /static, the dashboard pages at /ui (pages open; their data calls need a key)
     app.include_router(health.router)  # /health (like /docs) stays open

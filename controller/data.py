@@ -2,10 +2,12 @@
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, File, Form, Query, UploadFile
+from fastapi import APIRouter, Body, Query, Request
+from starlette.concurrency import run_in_threadpool
 
 from controller.deps import DataServiceDep
 from controller.openapi import error_responses
+from controller.uploads import form_bool, multipart_body, stream_upload
 from entity import examples
 from entity.data import (
     DataFileList,
@@ -17,6 +19,7 @@ from entity.data import (
     ValidateRequest,
     ValidateResponse,
 )
+from service.data import UploadWriter
 from util.errors import InvalidInputError
 
 router = APIRouter(prefix="/api/data", tags=["data"])
@@ -60,15 +63,24 @@ def process(
     response_model=UploadResponse,
     status_code=201,
     summary="Upload a dataset",
-    responses=error_responses(409, 422),
+    responses=error_responses(409, 413, 422),
+    openapi_extra=multipart_body(
+        "A JSON or JSONL dataset.", {"overwrite": {"type": "boolean", "title": "Overwrite", "default": False}}, []
+    ),
 )
-def upload(
-    service: DataServiceDep,
-    file: Annotated[UploadFile, File(description="A JSON or JSONL dataset.")],
-    overwrite: Annotated[bool, Form()] = False,
-) -> UploadResponse:
-    """Store an uploaded dataset under the data dir's uploads/ folder."""
-    return service.upload(file.filename or "", file.file, overwrite=overwrite)
+async def upload(request: Request, service: DataServiceDep) -> UploadResponse:
+    """Store an uploaded dataset under the data dir's uploads/ folder (streamed there; 413 past the size limit)."""
+
+    def open_file(filename: str, fields: dict[str, str]) -> UploadWriter:
+        return service.begin_upload(filename, form_bool(fields, "overwrite") if "overwrite" in fields else None)
+
+    upload = await stream_upload(request, open_file)
+    try:
+        overwrite = form_bool(upload.fields, "overwrite")
+    except BaseException:
+        await run_in_threadpool(upload.file.discard)
+        raise
+    return await run_in_threadpool(service.finish_upload, upload.file, overwrite)
 
 
 @router.get("/files", response_model=DataFileList, summary="List dataset files")
@@ -79,7 +91,12 @@ def files(
     return service.list_files(kind)
 
 
-@router.get("/preview", response_model=PreviewResponse, summary="Preview dataset records")
+@router.get(
+    "/preview",
+    response_model=PreviewResponse,
+    summary="Preview dataset records",
+    responses=error_responses(403, 404, 422),
+)
 def preview(
     service: DataServiceDep,
     file_path: Annotated[str, Query(description="Relative to the data dir, or absolute inside an allowed root.")],

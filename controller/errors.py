@@ -1,5 +1,6 @@
 """One handler that turns every error into {"error": {"type", "message", "details"}}."""
 
+import errno
 import logging
 from typing import Any
 
@@ -15,6 +16,12 @@ from util.errors import AppError, validation_message
 log = logging.getLogger(__name__)
 
 STORE_RETRY_AFTER_SECONDS = 5
+DISK_FULL = {
+    errno.ENOSPC: "The server's disk is full (no space left on device), so the request could not be completed. "
+    "Free disk space on the server, then retry.",
+    errno.EDQUOT: "The server's disk quota is exhausted, so the request could not be completed. Free space in the "
+    "server's quota, then retry.",
+}
 
 
 def error_response(
@@ -77,7 +84,27 @@ def install_error_handlers(app: FastAPI) -> None:
     for store_error in STORE_ERRORS:
         app.add_exception_handler(store_error, _store_unavailable)
 
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        if exc.errno in DISK_FULL:  # a write ran out of space: say so (507), never which path
+            log.error("%s %s: %s", request.method, request.url.path, exc)
+            return error_response(507, "insufficient_storage", DISK_FULL[exc.errno], {"errno": exc.errno}, request)
+        return _internal_error(request, exc)
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        # controller/guard.py refuses deeply nested JSON before parsing; other documents (YAML block nesting)
+        # reach a parser's recursion limit instead, which is still the client's input and not a server fault.
+        log.warning("%s %s: recursion limit reached", request.method, request.url.path, exc_info=exc)
+        return error_response(422, "invalid_input", "The request is nested too deeply to be read.", request=request)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}", request=request)
+        return _internal_error(request, exc)
+
+
+def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A 500 that names the exception's type only: its text (paths, SQL, values) stays in the log."""
+    log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    message = f"Internal server error ({type(exc).__name__}); the server log has the details."
+    return error_response(500, "internal_error", message, {"exception": type(exc).__name__}, request)

@@ -4,9 +4,10 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from controller.deps import ExportServiceDep, SettingsDep, StoreDep
+from controller.files import opened_file_response
 from controller.openapi import error_responses
 from controller.tasks import queued_or_finished
 from entity import examples
@@ -111,7 +112,7 @@ def status(task_id: str, store: StoreDep) -> TaskOut:
     summary="Download an archive export",
     responses={200: {"content": {"application/gzip": {}}, "description": "The tar.gz."}} | error_responses(404, 409),
 )
-def download(task_id: str, service: ExportServiceDep) -> FileResponse:
-    """Download the tar.gz of a succeeded archive export."""
-    path = service.download_path(task_id)
-    return FileResponse(path, media_type="application/gzip", filename=path.name)
+def download(task_id: str, service: ExportServiceDep) -> StreamingResponse:
+    """Download the tar.gz of a succeeded archive export (refused when it was swapped for a link)."""
+    fh, name = service.open_download(task_id)
+    return opened_file_response(fh, name, "application/gzip")

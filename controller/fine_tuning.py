@@ -2,11 +2,15 @@
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, File, Form, Query, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Body, Query, Request
+from fastapi.responses import FileResponse, StreamingResponse
 from openai.types import FileDeleted, FileObject, Model, ModelDeleted
+from starlette.concurrency import run_in_threadpool
 
 from controller.deps import FileServiceDep, FineTuningServiceDep, InferenceServiceDep
+from controller.files import opened_file_response
+from controller.openapi import error_responses
+from controller.uploads import multipart_body, stream_upload
 from entity import examples
 from entity.fine_tuning import CheckpointList, FileList, FineTuningJobOut, JobCreateRequest, JobEventList, JobList
 from util.errors import NotFoundError
@@ -16,17 +20,23 @@ router = APIRouter(prefix="/v1", tags=["openai fine-tuning"])
 After = Annotated[str | None, Query(description="Cursor: the id of the last object of the previous page.")]
 
 
-@router.post("/files", response_model=FileObject)
-def create_file(
-    files: FileServiceDep,
-    file: Annotated[UploadFile, File(description="JSONL: chat records, or preference records for DPO.")],
-    purpose: Annotated[str, Form(description="Only 'fine-tune'.")],
-) -> FileObject:
+@router.post(
+    "/files",
+    response_model=FileObject,
+    responses=error_responses(400, 413, 422),
+    openapi_extra=multipart_body(
+        "JSONL: chat records, or preference records for DPO.",
+        {"purpose": {"type": "string", "title": "Purpose", "description": "Only 'fine-tune'."}},
+        ["purpose"],
+    ),
+)
+async def create_file(request: Request, files: FileServiceDep) -> FileObject:
     """Upload a training file; every record is validated, and a bad one answers 400 with its line and reason."""
-    return files.create(file.filename or "", purpose, file.file)
+    upload = await stream_upload(request, lambda name, fields: files.begin(name, fields.get("purpose")), ("purpose",))
+    return await run_in_threadpool(files.finish, upload.file, upload.filename, upload.fields["purpose"])
 
 
-@router.get("/files", response_model=FileList)
+@router.get("/files", response_model=FileList, responses=error_responses(404))
 def list_files(
     files: FileServiceDep,
     after: After = None,
@@ -48,19 +58,19 @@ def retrieve_file(file_id: str, files: FileServiceDep) -> FileObject:
 
 
 @router.get("/files/{file_id}/content", response_class=FileResponse)
-def file_content(file_id: str, files: FileServiceDep) -> FileResponse:
-    """A file's bytes as uploaded (or a job's results CSV)."""
-    path, name = files.content_path(file_id)
-    return FileResponse(path, filename=name, media_type="application/octet-stream")
+def file_content(file_id: str, files: FileServiceDep) -> StreamingResponse:
+    """A file's bytes as uploaded (or a job's results CSV); never through a link swapped in for the stored file."""
+    fh, name = files.open_content(file_id)
+    return opened_file_response(fh, name, "application/octet-stream")
 
 
-@router.delete("/files/{file_id}", response_model=FileDeleted)
+@router.delete("/files/{file_id}", response_model=FileDeleted, responses=error_responses(404, 409))
 def delete_file(file_id: str, files: FileServiceDep) -> FileDeleted:
     """Delete a file that no unfinished job trains on."""
     return files.delete(file_id)
 
 
-@router.post("/fine_tuning/jobs", response_model=FineTuningJobOut)
+@router.post("/fine_tuning/jobs", response_model=FineTuningJobOut, responses=error_responses(400, 404, 409, 429))
 def create_job(
     req: Annotated[JobCreateRequest, Body(openapi_examples=examples.FINE_TUNING_JOB)], service: FineTuningServiceDep
 ) -> FineTuningJobOut:
@@ -68,7 +78,7 @@ def create_job(
     return service.create(req)
 
 
-@router.get("/fine_tuning/jobs", response_model=JobList)
+@router.get("/fine_tuning/jobs", response_model=JobList, responses=error_responses(400, 404))
 def list_jobs(
     request: Request,
     service: FineTuningServiceDep,
@@ -88,25 +98,25 @@ def retrieve_job(job_id: str, service: FineTuningServiceDep) -> FineTuningJobOut
     return service.get(job_id)
 
 
-@router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJobOut)
+@router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJobOut, responses=error_responses(404, 409))
 def cancel_job(job_id: str, service: FineTuningServiceDep) -> FineTuningJobOut:
     """Cancel a queued, running or paused job (409 once it has finished)."""
     return service.cancel(job_id)
 
 
-@router.post("/fine_tuning/jobs/{job_id}/pause", response_model=FineTuningJobOut)
+@router.post("/fine_tuning/jobs/{job_id}/pause", response_model=FineTuningJobOut, responses=error_responses(404, 409))
 def pause_job(job_id: str, service: FineTuningServiceDep) -> FineTuningJobOut:
     """Pause a job: it saves a checkpoint at its next step and frees its slot (and GPU)."""
     return service.pause(job_id)
 
 
-@router.post("/fine_tuning/jobs/{job_id}/resume", response_model=FineTuningJobOut)
+@router.post("/fine_tuning/jobs/{job_id}/resume", response_model=FineTuningJobOut, responses=error_responses(404, 409))
 def resume_job(job_id: str, service: FineTuningServiceDep) -> FineTuningJobOut:
     """Queue a paused job again; it continues from its last checkpoint."""
     return service.resume(job_id)
 
 
-@router.get("/fine_tuning/jobs/{job_id}/events", response_model=JobEventList)
+@router.get("/fine_tuning/jobs/{job_id}/events", response_model=JobEventList, responses=error_responses(400, 404))
 def job_events(
     job_id: str,
     service: FineTuningServiceDep,
@@ -118,7 +128,9 @@ def job_events(
     return JobEventList(data=data, has_more=more)
 
 
-@router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=CheckpointList)
+@router.get(
+    "/fine_tuning/jobs/{job_id}/checkpoints", response_model=CheckpointList, responses=error_responses(400, 404)
+)
 def job_checkpoints(
     job_id: str,
     service: FineTuningServiceDep,
@@ -141,7 +153,7 @@ def retrieve_model(model_id: str, service: FineTuningServiceDep, inference: Infe
     raise NotFoundError(f"Model '{model_id}' was not found.", details={"model": model_id})
 
 
-@router.delete("/models/{model_id}", response_model=ModelDeleted)
+@router.delete("/models/{model_id}", response_model=ModelDeleted, responses=error_responses(403, 404, 409))
 def delete_model(model_id: str, service: FineTuningServiceDep, inference: InferenceServiceDep) -> ModelDeleted:
     """Delete a fine-tuned model's weights (base models are refused with 403)."""
     return service.delete_model(model_id, inference.served_models())

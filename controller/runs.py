@@ -57,7 +57,7 @@ def get_run(run_id: str, service: RunServiceDep) -> RunOut:
     return RunOut.model_validate(service.store.get_run(run_id))
 
 
-@router.delete("/runs/{run_id}", response_model=RunOut, summary="Delete a run", responses=error_responses(404))
+@router.delete("/runs/{run_id}", response_model=RunOut, summary="Delete a run", responses=error_responses(404, 409))
 def delete_run(run_id: str, service: RunServiceDep) -> RunOut:
     """Free a run's worker and memory; its saved states stay."""
     return RunOut.model_validate(service.delete(run_id))

@@ -15,12 +15,25 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from pydantic import BaseModel, ValidationError
 from tinker import types as tt
 
-from controller.auth import key_matches
+from controller.auth import check_key
+from controller.openapi import error_responses, json_body
 from service.tinker.api import TinkerRequestFailed, TinkerService
 from service.tinker.proto import decode_forward_backward, encode_forward_backward_output, encode_sample_response
-from util.errors import AuthenticationError, InvalidInputError, NotFoundError, validation_message
+from util.errors import InvalidInputError, NotFoundError, PayloadTooLargeError, validation_message
 
 PROTO = "application/x-protobuf"
+# The codes of the routes that create a run (or a sampling session's base run), queue work on one, look one up.
+CREATE_ERRORS = error_responses(403, 404, 409, 429)
+QUEUE_ERRORS = error_responses(404, 409, 429)
+LOOKUP_ERRORS = error_responses(404)
+CANCEL_ERRORS = error_responses(404, 409)
+PROTO_BODY: dict[str, Any] = {  # openapi_extra of the routes that read the SDK's protobuf ForwardBackwardRequest
+    "requestBody": {
+        "required": True,
+        "description": "A tinker ForwardBackwardRequest protobuf message (with Content-Encoding: zstd, compressed).",
+        "content": {PROTO: {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 M = TypeVar("M", bound=BaseModel)
 _bearer = HTTPBearer(auto_error=False, scheme_name="TinkerBearer")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="TinkerApiKey")
@@ -32,15 +45,8 @@ def require_tinker_key(
     header_key: str | None = Depends(_header),
 ) -> None:
     """Our API keys, as the SDK sends them (X-API-Key), with or without the SDK's `tml-` prefix."""
-    digests: list[bytes] = request.app.state.api_key_digests
-    if not digests:
-        return
     given = header_key or (credentials.credentials if credentials is not None else None)
-    if not given:
-        raise AuthenticationError("An API key is required: pass api_key='tml-<your key>' to the Tinker client.")
-    if key_matches(given, digests) or (given.startswith("tml-") and key_matches(given[4:], digests)):
-        return
-    raise AuthenticationError("The API key is not valid.")
+    check_key(given, request.app.state.api_key_digests, tinker=True)
 
 
 def get_tinker(request: Request) -> TinkerService:
@@ -59,8 +65,10 @@ async def _body(request: Request, model: type[M]) -> M:
         data = await request.json()
     except ValueError:
         raise InvalidInputError("The request body is not valid JSON.") from None
+    except RecursionError:  # controller/guard.py refuses deep bodies first; this is the backstop
+        raise InvalidInputError("The request body is nested too deeply.") from None
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=True)  # numbers are numbers: "5" and true are refused
     except ValidationError as exc:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         raise InvalidInputError(validation_message(errors), details=errors) from None
@@ -102,14 +110,14 @@ def client_dynamic_config() -> dict[str, Any]:
     return tt.ClientDynamicConfigResponse().model_dump()
 
 
-@router.post("/create_session")
+@router.post("/create_session", openapi_extra=json_body(tt.CreateSessionRequest, "Tinker"))
 async def create_session(request: Request) -> dict[str, Any]:
     """A session id; model ids are `<session>:train:<n>`."""
     await _body(request, tt.CreateSessionRequest)
     return {"type": "create_session", "session_id": secrets.token_hex(8)}
 
 
-@router.post("/session_heartbeat")
+@router.post("/session_heartbeat", openapi_extra=json_body(tt.SessionHeartbeatRequest, "Tinker"))
 async def session_heartbeat(request: Request) -> dict[str, str]:
     """Keep-alive; runs here pause on their own idle TTL, so a heartbeat only has to be answered."""
     await _body(request, tt.SessionHeartbeatRequest)
@@ -129,53 +137,74 @@ def telemetry() -> dict[str, str]:
 
 
 # -- models ----------------------------------------------------------------------------------------------
-@router.post("/create_model")
+@router.post("/create_model", openapi_extra=json_body(tt.CreateModelRequest, "Tinker"), responses=CREATE_ERRORS)
 async def create_model(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Create a LoRA training model (a run); the future resolves when its worker is ready."""
     req = await _body(request, tt.CreateModelRequest)
     return _future(await asyncio.to_thread(tinker.create_model, req))
 
 
-@router.post("/get_info")
+@router.post("/get_info", openapi_extra=json_body(tt.GetInfoRequest, "Tinker"), responses=LOOKUP_ERRORS)
 async def get_info(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """A model's base model, LoRA rank and tokenizer."""
     req = await _body(request, tt.GetInfoRequest)
     return await asyncio.to_thread(tinker.info, req.model_id)
 
 
-class _WeightsInfoRequest(BaseModel):
+class WeightsInfoRequest(BaseModel):
+    """Body of weights_info: a tinker:// checkpoint path."""
+
     tinker_path: str
 
 
-@router.post("/weights_info")
+@router.post("/weights_info", openapi_extra=json_body(WeightsInfoRequest, "Tinker"), responses=LOOKUP_ERRORS)
 async def weights_info(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """What a checkpoint needs to be loaded."""
-    req = await _body(request, _WeightsInfoRequest)
+    req = await _body(request, WeightsInfoRequest)
     return await asyncio.to_thread(tinker.weights_info, req.tinker_path)
 
 
 # -- training --------------------------------------------------------------------------------------------
 async def _proto_body(request: Request) -> bytes:
-    """The raw protobuf body, zstd-decompressed when the SDK compressed it."""
+    """The raw protobuf body, zstd-decompressed (to at most server.max_body_mb) when the SDK compressed it."""
     body = await request.body()
     if request.headers.get("content-encoding", "").lower() == "zstd":
-        import zstandard
-
-        try:
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 31)
-        except zstandard.ZstdError as exc:
-            raise InvalidInputError(f"The zstd body cannot be decompressed: {exc}") from exc
+        max_mb = request.app.state.settings.server.max_body_mb
+        body = await asyncio.to_thread(inflate_zstd, body, max_mb)
     return body
 
 
-@router.post("/forward_backward")
+def inflate_zstd(body: bytes, max_mb: int) -> bytes:
+    """Decompress a zstd body as a stream, refusing with 413 once the output passes `max_mb` MiB.
+
+    One-shot decompression trusts the frame's declared size: 16 KB that declares 512 MB allocates 512 MB first.
+    """
+    import zstandard
+
+    limit = max_mb * 1024 * 1024
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
+            while chunk := reader.read(min(1 << 20, limit + 1 - len(out))):
+                out += chunk
+                if len(out) > limit:
+                    raise PayloadTooLargeError(
+                        f"The zstd body decompresses to more than the {max_mb} MB limit (server.max_body_mb).",
+                        details={"max_body_mb": max_mb},
+                    )
+    except zstandard.ZstdError as exc:
+        raise InvalidInputError(f"The zstd body cannot be decompressed: {exc}") from exc
+    return bytes(out)
+
+
+@router.post("/forward_backward", openapi_extra=PROTO_BODY, responses=QUEUE_ERRORS)
 async def forward_backward(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Queue a forward (forward_only) or forward/backward pass with one of Tinker's losses."""
     req = decode_forward_backward(await _proto_body(request))
     return _future(await asyncio.to_thread(tinker.forward_backward, req), req["model_id"])
 
 
-@router.post("/forward")
+@router.post("/forward", openapi_extra=PROTO_BODY, responses=QUEUE_ERRORS)
 async def forward(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """A forward pass (same protobuf body as forward_backward): per-token logprobs and the loss, no gradients."""
     req = decode_forward_backward(await _proto_body(request))
@@ -183,14 +212,14 @@ async def forward(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     return _future(await asyncio.to_thread(tinker.forward_backward, req), req["model_id"])
 
 
-@router.post("/optim_step")
+@router.post("/optim_step", openapi_extra=json_body(tt.OptimStepRequest, "Tinker"), responses=QUEUE_ERRORS)
 async def optim_step(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Queue an Adam step on the gradients accumulated so far."""
     req = await _body(request, tt.OptimStepRequest)
     return _future(await asyncio.to_thread(tinker.optim_step, req), req.model_id)
 
 
-@router.post("/save_weights")
+@router.post("/save_weights", openapi_extra=json_body(tt.SaveWeightsRequest, "Tinker"), responses=QUEUE_ERRORS)
 async def save_weights(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Save adapter and Adam state: tinker://<model>/weights/<name>."""
     req = await _body(request, tt.SaveWeightsRequest)
@@ -198,14 +227,20 @@ async def save_weights(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     return _future(job, req.model_id)
 
 
-@router.post("/save_weights_for_sampler")
+@router.post(
+    "/save_weights_for_sampler",
+    openapi_extra=json_body(tt.SaveWeightsForSamplerRequest, "Tinker"),
+    responses=QUEUE_ERRORS,
+)
 async def save_weights_for_sampler(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Save a sampler snapshot: named (tinker://<model>/sampler_weights/<name>) or for a new sampling session."""
     req = await _body(request, tt.SaveWeightsForSamplerRequest)
     return _future(await asyncio.to_thread(tinker.save, req.model_id, "sampler_weights", req.path), req.model_id)
 
 
-@router.post("/save_weights_external")
+@router.post(
+    "/save_weights_external", openapi_extra=json_body(tt.SaveWeightsExternalRequest, "Tinker"), responses=QUEUE_ERRORS
+)
 async def save_weights_external(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Save a PEFT adapter folder for download: tinker://<model>/external_weights/<name>."""
     req = await _body(request, tt.SaveWeightsExternalRequest)
@@ -215,7 +250,7 @@ async def save_weights_external(request: Request, tinker: TinkerDep) -> dict[str
     return _future(job, req.model_id)
 
 
-@router.post("/load_weights")
+@router.post("/load_weights", openapi_extra=json_body(tt.LoadWeightsRequest, "Tinker"), responses=CREATE_ERRORS)
 async def load_weights(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Load a checkpoint into a model, or create a model from it (with or without its Adam state)."""
     req = await _body(request, tt.LoadWeightsRequest)
@@ -223,7 +258,11 @@ async def load_weights(request: Request, tinker: TinkerDep) -> dict[str, Any]:
 
 
 # -- sampling --------------------------------------------------------------------------------------------
-@router.post("/create_sampling_session")
+@router.post(
+    "/create_sampling_session",
+    openapi_extra=json_body(tt.CreateSamplingSessionRequest, "Tinker"),
+    responses=CREATE_ERRORS,
+)
 async def create_sampling_session(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """A sampling session on a sampler checkpoint or a base model."""
     req = await _body(request, tt.CreateSamplingSessionRequest)
@@ -237,7 +276,7 @@ def get_sampler(sampling_session_id: str, tinker: TinkerDep) -> dict[str, Any]:
     return tinker.sampler_info(sampling_session_id)
 
 
-@router.post("/asample")
+@router.post("/asample", openapi_extra=json_body(tt.SampleRequest, "Tinker"), responses=CREATE_ERRORS)
 async def asample(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Queue sampling num_samples continuations of a token prompt."""
     req = await _body(request, tt.SampleRequest)
@@ -246,7 +285,7 @@ async def asample(request: Request, tinker: TinkerDep) -> dict[str, Any]:
 
 
 # -- futures ---------------------------------------------------------------------------------------------
-@router.post("/retrieve_future")
+@router.post("/retrieve_future", openapi_extra=json_body(tt.FutureRetrieveRequest, "Tinker"), responses=LOOKUP_ERRORS)
 async def retrieve_future(request: Request, tinker: TinkerDep) -> Response:
     """A future's result (protobuf for forward_backward and sample), try_again while pending, or its error."""
     req = await _body(request, tt.FutureRetrieveRequest)
@@ -269,14 +308,14 @@ def jsonable(value: Any) -> Any:
     return jsonable_encoder(value)
 
 
-@router.post("/retrieve_futures")
+@router.post("/retrieve_futures", openapi_extra=json_body(tt.FuturesRetrieveRequest, "Tinker"), responses=LOOKUP_ERRORS)
 async def retrieve_futures(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """A sampling session's completed requests since the cursor (long-polls while there are none)."""
     req = await _body(request, tt.FuturesRetrieveRequest)
     return await tinker.retrieve_many(req)
 
 
-@router.post("/cancel_future")
+@router.post("/cancel_future", openapi_extra=json_body(tt.FutureRetrieveRequest, "Tinker"), responses=CANCEL_ERRORS)
 async def cancel_future(request: Request, tinker: TinkerDep) -> dict[str, Any]:
     """Cancel a queued request (its future then fails as cancelled); a running or finished one answers 409."""
     req = await _body(request, tt.FutureRetrieveRequest)
@@ -348,7 +387,7 @@ def checkpoint_archive(run_id: str, checkpoint_id: str, tinker: TinkerDep) -> St
     return StreamingResponse(iter([buffer.getvalue()]), media_type="application/gzip", headers=headers)
 
 
-@router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
+@router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", status_code=204)
 def delete_checkpoint(run_id: str, checkpoint_id: str, tinker: TinkerDep) -> Response:
     """Delete a checkpoint."""
     tinker.delete_checkpoint(run_id, checkpoint_id)

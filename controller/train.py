@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -12,7 +13,7 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from controller.deps import RunnerDep, StoreDep, TrainServiceDep
-from controller.openapi import error_responses
+from controller.openapi import body_schema, error_responses
 from entity import examples
 from entity.common import MAX_SQL_INT
 from entity.task import TERMINAL_STATUSES, EventList, EventOut, TaskKind, TaskList, TaskOut, TaskStatus
@@ -23,7 +24,7 @@ from util.errors import InvalidInputError, UnsupportedMediaTypeError
 router = APIRouter(prefix="/api/train", tags=["train"])
 
 YAML_TYPES = {"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"}
-_SCHEMA = TrainRequest.model_json_schema()  # self-contained (its own $defs), so both media types can share it
+_SCHEMA = body_schema(TrainRequest)  # one schema in the components, shared by both media types
 TRAIN_BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -37,12 +38,23 @@ TRAIN_BODY_DOC: dict[str, Any] = {
 }
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `2e-4` and `1.0e4` as numbers, as JSON and YAML 1.2 do (YAML 1.1 reads text)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def parse_document(raw: bytes, content_type: str) -> Any:
     """A request body as data: YAML for the YAML media types, JSON otherwise (refusing anything else)."""
     media = content_type.split(";")[0].strip().lower()
     if media in YAML_TYPES:
         try:
-            return yaml.safe_load(raw.decode("utf-8"))
+            return yaml.load(raw.decode("utf-8"), Loader=_YamlLoader)  # a SafeLoader: plain data only
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise InvalidInputError(f"The body is not valid YAML: {exc}") from exc
     if media and media != "application/json" and not media.endswith("+json"):

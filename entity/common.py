@@ -1,8 +1,12 @@
-"""Schema pieces shared by several domains."""
+"""Schema pieces shared by several domains.
+
+Numbers in request bodies are StrictInt / StrictFloat: a JSON body's "5" or true is refused (422) where a number is
+meant, and a number field still takes an integer such as 1. Query parameters arrive as text and keep plain int.
+"""
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
 # Sampling at a temperature this close to 0 divides logits by ~0 (inf/nan probabilities); it is greedy decoding.
 GREEDY_BELOW = 1e-5
@@ -17,11 +21,11 @@ def _greedy_below_floor(value: float) -> float:
 
 
 Temperature = Annotated[
-    float,
+    StrictFloat,
     Field(ge=0, le=2, description=f"0 means greedy decoding; any value below {GREEDY_BELOW:g} counts as 0."),
     AfterValidator(_greedy_below_floor),
 ]
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="Makes sampling reproducible (0 to 2**63 - 1).")]
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED, description="Makes sampling reproducible (0 to 2**63 - 1).")]
 
 
 class ModelRef(BaseModel):

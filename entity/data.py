@@ -3,9 +3,10 @@
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, computed_field, model_validator
 
 from entity.common import MAX_SEED
+from entity.paths import ClientPath, root_role
 
 
 class ValidateRequest(BaseModel):
@@ -14,7 +15,7 @@ class ValidateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     file_path: str | None = Field(None, description="Relative to the data dir, or absolute inside an allowed root.")
-    max_length: int | None = Field(None, ge=1, description="Count records whose tokenised length exceeds this.")
+    max_length: StrictInt | None = Field(None, ge=1, description="Count records whose tokenised length exceeds this.")
     model: str | None = Field(None, description="Model whose chat template measures lengths; default base model.")
 
 
@@ -56,7 +57,7 @@ class LengthStats(BaseModel):
 class ValidateResponse(BaseModel):
     """What validate found in a file."""
 
-    file_path: str
+    file_path: ClientPath
     valid: bool
     total: int
     valid_count: int
@@ -83,11 +84,11 @@ class SplitConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    train_ratio: float = Field(0.8, ge=0, le=1)
-    val_ratio: float = Field(0.1, ge=0, le=1)
-    test_ratio: float = Field(0.1, ge=0, le=1)
+    train_ratio: StrictFloat = Field(0.8, ge=0, le=1)
+    val_ratio: StrictFloat = Field(0.1, ge=0, le=1)
+    test_ratio: StrictFloat = Field(0.1, ge=0, le=1)
     shuffle: bool = True
-    seed: int = Field(42, ge=0, le=MAX_SEED)
+    seed: StrictInt = Field(42, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _ratios_sum_to_one(self) -> "SplitConfig":
@@ -126,16 +127,16 @@ class ProcessRequest(BaseModel):
 class SplitFile(BaseModel):
     """One written split."""
 
-    path: str
+    path: ClientPath = Field(..., description="Relative to the data dir (or to the allowed root that holds it).")
     count: int
 
 
 class ProcessResponse(BaseModel):
     """What process wrote."""
 
-    input_file: str
-    input_files: list[str]
-    output_dir: str
+    input_file: ClientPath
+    input_files: list[ClientPath]
+    output_dir: ClientPath = Field(..., description="Relative to its root; output_root names the root.")
     total: int
     kept: int
     invalid_dropped: int
@@ -145,12 +146,24 @@ class ProcessResponse(BaseModel):
     )
     splits: dict[str, SplitFile]
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def output_root(self) -> str | None:
+        """The root holding output_dir: data, model or allowed_roots[i]."""
+        return root_role(self.output_dir)
+
 
 class UploadResponse(BaseModel):
     """Where an uploaded file was stored."""
 
-    file_path: str
+    file_path: ClientPath = Field(..., description="Relative to the data dir: what the other data routes take.")
     size_bytes: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def root(self) -> str | None:
+        """The root holding file_path (data)."""
+        return root_role(self.file_path)
 
 
 class DataFile(BaseModel):
@@ -185,7 +198,7 @@ class PreviewRecord(BaseModel):
 class PreviewResponse(BaseModel):
     """A page of a dataset's records, normalised."""
 
-    file_path: str
+    file_path: ClientPath
     offset: int
     limit: int
     items: list[PreviewRecord]

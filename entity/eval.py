@@ -2,9 +2,10 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from entity.common import ModelRef, Temperature
+from entity.paths import ClientPath
 from entity.task import TaskOut
 
 Metric = Literal["loss", "perplexity", "accuracy", "bleu", "rouge_l"]
@@ -16,7 +17,7 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int = Field(128, ge=1, le=4096)
+    max_tokens: StrictInt = Field(128, ge=1, le=4096)
     temperature: Temperature = 0.0
 
 
@@ -26,8 +27,8 @@ class EvalRequest(ModelRef):
     dataset_path: str = Field(..., description="Chat data (relative to the data dir); the last turn is the answer.")
     metrics: list[Metric] = Field(default_factory=lambda: ["loss", "perplexity", "accuracy"], min_length=1)
     accuracy_mode: AccuracyMode = Field("exact_match", description="Which comparison `accuracy` reports.")
-    batch_size: int = Field(8, ge=1, le=512)
-    max_samples: int | None = Field(None, ge=1)
+    batch_size: StrictInt = Field(8, ge=1, le=512)
+    max_samples: StrictInt | None = Field(None, ge=1)
     generation: GenerationParams = Field(default_factory=GenerationParams)
     compare_with: str | None = Field(None, description="A second model evaluated on the same data in the same task.")
     output_dir: str | None = Field(None, description="Relative to the data dir; default evals/<task_id>.")
@@ -50,5 +51,5 @@ class EvalStarted(BaseModel):
 
     task_id: str
     status: str
-    output_dir: str
+    output_dir: ClientPath = Field(..., description="Relative to its root (evals/<task_id> in the data dir).")
     task: TaskOut | None = None

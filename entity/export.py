@@ -2,9 +2,10 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictFloat, StrictInt
 
 from entity.common import ModelRef
+from entity.paths import ClientPath
 from entity.task import TaskOut
 
 # torch.onnx's legacy exporter writes opsets 14-20 (14 is the first with scaled-dot-product attention);
@@ -24,9 +25,9 @@ class ExportBase(ModelRef):
 class OnnxExportRequest(ExportBase):
     """Body of POST /api/export/onnx."""
 
-    opset_version: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET)
+    opset_version: StrictInt = Field(17, ge=MIN_OPSET, le=MAX_OPSET)
     dtype: Literal["float32", "float16"] = "float32"
-    tolerance: float | None = Field(
+    tolerance: StrictFloat | None = Field(
         None,
         gt=0,
         description="Largest accepted |logit difference| relative to the logit scale, i.e. the largest |logit| "
@@ -46,7 +47,7 @@ class GgufExportRequest(ExportBase):
     """Body of POST /api/export/gguf: a llama.cpp / Ollama file of a Llama-family model (LoRA merged first)."""
 
     type: Literal["f16", "bf16", "q8_0"] = Field("f16", description="Tensor type of the weight matrices.")
-    tolerance: float | None = Field(
+    tolerance: StrictFloat | None = Field(
         None,
         gt=0,
         description="Largest accepted |logit difference| of the file read back, relative to the logit scale; "
@@ -59,5 +60,5 @@ class ExportStarted(BaseModel):
 
     task_id: str
     status: str
-    output_path: str
+    output_path: ClientPath = Field(..., description="Relative to its root (exports/<task_id> in the model dir).")
     task: TaskOut | None = None

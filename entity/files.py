@@ -2,7 +2,9 @@
 
 from datetime import datetime
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+
+from entity.paths import ClientPath
 
 
 class FileEntry(BaseModel):
@@ -17,6 +19,6 @@ class TaskFileList(BaseModel):
     """The files a task wrote into its output folder."""
 
     task_id: str
-    output_dir: str
+    output_dir: ClientPath = Field(..., description="Relative to its root (the model dir for a train task).")
     items: list[FileEntry]
     truncated: bool

@@ -5,7 +5,7 @@ from typing import Literal
 from openai.types import FileObject, Model
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 from sqlalchemy import Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -35,9 +35,9 @@ class Hyperparameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: Auto | int | None = Field(None, description="Epochs over the training file (1-50).")
-    batch_size: Auto | int | None = Field(None, description="Examples per optimizer step (1-256).")
-    learning_rate_multiplier: Auto | float | None = Field(None, description="Scales the base learning rate.")
+    n_epochs: Auto | StrictInt | None = Field(None, description="Epochs over the training file (1-50).")
+    batch_size: Auto | StrictInt | None = Field(None, description="Examples per optimizer step (1-256).")
+    learning_rate_multiplier: Auto | StrictFloat | None = Field(None, description="Scales the base learning rate.")
 
     @field_validator("n_epochs")
     @classmethod
@@ -67,7 +67,7 @@ class Hyperparameters(BaseModel):
 class DpoHyperparameters(Hyperparameters):
     """DPO hyperparameters: the common ones plus beta."""
 
-    beta: Auto | float | None = Field(None, description="DPO beta; auto is 0.1.")
+    beta: Auto | StrictFloat | None = Field(None, description="DPO beta; auto is 0.1.")
 
     @field_validator("beta")
     @classmethod
@@ -114,7 +114,7 @@ class JobCreateRequest(BaseModel):
     training_file: str
     validation_file: str | None = None
     suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    seed: StrictInt | None = Field(None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = None
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None

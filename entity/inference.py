@@ -2,7 +2,7 @@
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
 from entity.common import Seed, Temperature
 
@@ -28,9 +28,9 @@ class ChatRequest(BaseModel):
         None, description="Base model name, a succeeded train task's id, or a model folder; default: the base model."
     )
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="Most new tokens (default and limit set in config).")
+    max_tokens: StrictInt | None = Field(None, ge=1, description="Most new tokens (default and limit set in config).")
     temperature: Temperature = 0.7
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: StrictFloat = Field(1.0, gt=0, le=1)
     stop: list[str] | None = Field(None, max_length=8, description="Strings that end the answer (not included).")
     seed: Seed | None = None
 
@@ -157,17 +157,17 @@ class OpenAIChatRequest(BaseModel):
 
     model: str
     messages: list[OpenAIMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     temperature: Temperature | None = None
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: StrictFloat | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: Seed | None = None
-    n: int = Field(1, ge=1, le=16, description="Choices per request; each is its own engine request.")
+    n: StrictInt = Field(1, ge=1, le=16, description="Choices per request; each is its own engine request.")
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    presence_penalty: StrictFloat | None = Field(None, ge=-2, le=2)
+    frequency_penalty: StrictFloat | None = Field(None, ge=-2, le=2)
     response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -4,7 +4,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 from sqlalchemy import JSON, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -98,8 +98,8 @@ class LoraSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    r: int = Field(16, ge=1, le=1024)
-    alpha: int = Field(32, ge=1)
+    r: StrictInt = Field(16, ge=1, le=1024)
+    alpha: StrictInt = Field(32, ge=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
@@ -120,9 +120,9 @@ class TokenExample(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input_ids: list[int] = Field(..., min_length=1)
-    target_ids: list[int] = Field(..., min_length=1)
-    weights: list[float] | None = None
+    input_ids: list[StrictInt] = Field(..., min_length=1)
+    target_ids: list[StrictInt] = Field(..., min_length=1)
+    weights: list[StrictFloat] | None = None
 
     @model_validator(mode="after")
     def _lengths(self) -> "TokenExample":
@@ -168,12 +168,12 @@ class OptimStepRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    learning_rate: float = Field(1e-4, gt=0, le=1)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.999, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0, le=1, description="Adam's epsilon.")
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    max_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm before the step.")
+    learning_rate: StrictFloat = Field(1e-4, gt=0, le=1)
+    beta1: StrictFloat = Field(0.9, ge=0, lt=1)
+    beta2: StrictFloat = Field(0.999, ge=0, lt=1)
+    eps: StrictFloat = Field(1e-8, gt=0, le=1, description="Adam's epsilon.")
+    weight_decay: StrictFloat = Field(0.0, ge=0, le=1)
+    max_grad_norm: StrictFloat | None = Field(None, gt=0, description="Clip the gradient norm before the step.")
 
 
 class SampleRequest(BaseModel):
@@ -183,10 +183,10 @@ class SampleRequest(BaseModel):
 
     prompts: list[str] | None = Field(None, min_length=1, max_length=256)
     messages: list[list[ChatMessage]] | None = Field(None, min_length=1, max_length=256)
-    num_samples: int = Field(1, ge=1, le=64)
-    max_tokens: int = Field(64, ge=1, le=4096)
+    num_samples: StrictInt = Field(1, ge=1, le=64)
+    max_tokens: StrictInt = Field(64, ge=1, le=4096)
     temperature: Temperature = 1.0
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: StrictFloat = Field(1.0, gt=0, le=1)
     seed: Seed | None = None
 
     @model_validator(mode="after")

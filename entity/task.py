@@ -4,10 +4,12 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 from sqlalchemy import JSON, Boolean, DateTime, Dialect, Float, ForeignKey, Integer, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+from entity.paths import ClientJson, ClientPath, root_role
 
 
 def utcnow() -> datetime:
@@ -87,6 +89,12 @@ class TaskRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     owner: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)  # the claiming scheduler
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # When the task last reported progress (a progress write or an event); a running task silent for
+    # jobs.stall_seconds (counted from here, or from its start) is stalled.
+    progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    # Not stored: seconds since the last progress of a stalled running task, set by the TaskStore that read the row.
+    stalled_seconds = None
 
 
 class SchedulerRow(Base):
@@ -122,7 +130,7 @@ class TaskOut(BaseModel):
     id: str
     kind: TaskKind
     status: TaskStatus
-    request: dict[str, Any]
+    request: ClientJson
     progress: float
     current_step: int
     total_steps: int | None
@@ -131,12 +139,35 @@ class TaskOut(BaseModel):
     learning_rate: float | None
     tokens_per_second: float | None
     eta_seconds: float | None
-    metrics: dict[str, Any] | None
+    metrics: ClientJson | None
     error: str | None
-    output_dir: str | None
+    output_dir: ClientPath | None = Field(..., description="Relative to its root; output_root names the root.")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    progress_at: datetime | None = Field(
+        None, description="When the running task last reported progress (a step, a metric or a log event)."
+    )
+    stalled: bool = Field(
+        False,
+        description="Running, but no progress for jobs.stall_seconds: its worker may be stopped or hung "
+        "(eta_seconds is null meanwhile).",
+    )
+    stalled_seconds: float | None = Field(None, description="While stalled: seconds since the last progress.")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def output_root(self) -> str | None:
+        """The root holding output_dir: model, data or allowed_roots[i]."""
+        return root_role(self.output_dir)
+
+    @model_validator(mode="after")
+    def _stall(self) -> "TaskOut":
+        """A stalled task has no ETA."""
+        self.stalled = self.stalled_seconds is not None
+        if self.stalled:
+            self.eta_seconds = None
+        return self
 
 
 class TaskList(BaseModel):
@@ -159,7 +190,7 @@ class EventOut(BaseModel):
     type: str
     level: str
     message: str | None
-    data: dict[str, Any] | None
+    data: ClientJson | None
 
 
 class EventList(BaseModel):

@@ -2,9 +2,10 @@
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, computed_field, model_validator
 
 from entity.common import MAX_TRAIN_SEED
+from entity.paths import ClientPath, root_role
 from util.settings import Tracker
 
 DpoLoss = Literal[
@@ -17,10 +18,10 @@ class LoraConfigIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    r: int = Field(16, ge=1, le=1024)
-    lora_alpha: int = Field(32, ge=1)
+    r: StrictInt = Field(16, ge=1, le=1024)
+    lora_alpha: StrictInt = Field(32, ge=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    lora_dropout: float = Field(
+    lora_dropout: StrictFloat = Field(
         0.0,
         ge=0,
         lt=1,
@@ -35,35 +36,37 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_path: str | None = Field(None, description="Base model name, or a model folder inside the roots.")
-    per_device_train_batch_size: int | None = Field(
+    per_device_train_batch_size: StrictInt | None = Field(
         None,
         ge=1,
         le=4096,
         description="Rows per device step. Left out: 2, or on a CUDA GPU with packing the auto token budget "
         "(tokens_per_step) picks it; given: it wins over the budget.",
     )
-    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
-    learning_rate: float = Field(2e-4, gt=0, le=1)
-    max_steps: int | None = Field(None, ge=1, le=10_000_000)
-    num_train_epochs: float | None = Field(None, gt=0, le=10_000)
-    max_length: int | None = Field(None, ge=8, le=131_072, description="Tokens per record (default train.max_length).")
+    gradient_accumulation_steps: StrictInt = Field(1, ge=1, le=4096)
+    learning_rate: StrictFloat = Field(2e-4, gt=0, le=1)
+    max_steps: StrictInt | None = Field(None, ge=1, le=10_000_000)
+    num_train_epochs: StrictFloat | None = Field(None, gt=0, le=10_000)
+    max_length: StrictInt | None = Field(
+        None, ge=8, le=131_072, description="Tokens per record (default train.max_length)."
+    )
     truncate: bool = Field(
         True, description="Cut records longer than max_length; false: leave them out (counted as skipped)."
     )
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0, le=1)
+    warmup_ratio: StrictFloat = Field(0.0, ge=0, lt=1)
+    weight_decay: StrictFloat = Field(0.0, ge=0, le=1)
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    save_steps: int | None = Field(None, ge=1)
-    logging_steps: int = Field(1, ge=1)
-    seed: int = Field(42, ge=0, le=MAX_TRAIN_SEED)
+    save_steps: StrictInt | None = Field(None, ge=1)
+    logging_steps: StrictInt = Field(1, ge=1)
+    seed: StrictInt = Field(42, ge=0, le=MAX_TRAIN_SEED)
     eval_dataset_path: str | None = None
-    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: save_steps or 50).")
+    eval_steps: StrictInt | None = Field(None, ge=1, description="Evaluate every N steps (default: save_steps or 50).")
     gradient_checkpointing: bool | None = Field(
         None,
         description="Recompute activations in the backward pass (less memory, ~25% slower). Left out: off, unless "
         "the auto token budget needs it to fit a useful step.",
     )
-    tokens_per_step: Annotated[int, Field(ge=8, le=1_048_576)] | Literal["auto"] | None = Field(
+    tokens_per_step: Annotated[StrictInt, Field(ge=8, le=1_048_576)] | Literal["auto"] | None = Field(
         None,
         description="Packed tokens per device step. auto: sized from the model, the strategy and the GPU's free "
         "memory (CUDA with packing; elsewhere 2 rows); the requested tokens per optimizer step (2 x max_length x "
@@ -91,14 +94,14 @@ class TrainConfig(BaseModel):
         "CUDA when liger-kernel is installed.",
     )
     torch_compile: bool = Field(False, description="Compile the model with torch.compile (slow first steps).")
-    num_gpus: int | None = Field(
+    num_gpus: StrictInt | None = Field(
         None, ge=1, le=64, description="Processes (one per GPU) for this task; default train.num_gpus of the config."
     )
     distributed: Literal["ddp", "fsdp"] | None = Field(None, description="Default train.distributed of the config.")
     lora_config: LoraConfigIn | None = Field(
         None, description="LoRA settings (lora strategy: defaults when left out; dpo: LoRA when given, else full)."
     )
-    beta: float | None = Field(
+    beta: StrictFloat | None = Field(
         None, gt=0, le=100, description="dpo only: how far the policy may move from the reference (default 0.1)."
     )
     loss_type: DpoLoss | None = Field(None, description="dpo only: TRL's DPO loss (default sigmoid, the paper's).")
@@ -144,13 +147,13 @@ class StageConfig(BaseModel):
 
     name: str | None = Field(None, max_length=64, description="A label for the stage's metrics (default stage-N).")
     dataset_path: str | list[str] | None = Field(None, description="The stage's data (default: the run's).")
-    max_length: int | None = Field(None, ge=8, le=131_072)
+    max_length: StrictInt | None = Field(None, ge=8, le=131_072)
     truncate: bool | None = None
-    max_steps: int | None = Field(None, ge=1, le=10_000_000)
-    num_train_epochs: float | None = Field(None, gt=0, le=10_000)
-    learning_rate: float | None = Field(None, gt=0, le=1)
-    per_device_train_batch_size: int | None = Field(None, ge=1, le=4096)
-    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    max_steps: StrictInt | None = Field(None, ge=1, le=10_000_000)
+    num_train_epochs: StrictFloat | None = Field(None, gt=0, le=10_000)
+    learning_rate: StrictFloat | None = Field(None, gt=0, le=1)
+    per_device_train_batch_size: StrictInt | None = Field(None, ge=1, le=4096)
+    warmup_ratio: StrictFloat | None = Field(None, ge=0, lt=1)
     carry_optimizer: bool = Field(
         False, description="Continue the previous stage's optimizer state (moments) instead of a fresh optimizer."
     )
@@ -209,4 +212,10 @@ class TrainStarted(BaseModel):
 
     task_id: str
     status: str
-    output_dir: str
+    output_dir: ClientPath = Field(..., description="Relative to its root (outputs/<task_id> in the model dir).")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def output_root(self) -> str | None:
+        """The root holding output_dir: model, data or allowed_roots[i]."""
+        return root_role(self.output_dir)

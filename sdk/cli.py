@@ -5,6 +5,7 @@ request the server refuses (4xx: invalid input, unknown id, bad key); 3 the serv
 """
 
 import json
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -198,8 +199,14 @@ def run_call(fn: Any) -> Any:
         raise typer.Exit(EXIT_FAILED) from exc
 
 
+NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
 def parse_sets(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` pairs; values are parsed as JSON when they can be (numbers, booleans, lists)."""
+    """`key=value` pairs; values are parsed as JSON when they can be (numbers, booleans, lists).
+
+    Numbers JSON spells otherwise (`.5`, `1.`, `+3`) are numbers too: the server refuses a number sent as text.
+    """
     result: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -208,7 +215,11 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
         try:
             result[key] = json.loads(raw)
         except ValueError:
-            result[key] = raw
+            if NUMBER.fullmatch(raw.strip()):
+                text = raw.strip()
+                result[key] = float(text) if any(c in text for c in ".eE") else int(text)
+            else:
+                result[key] = raw
     return result
 
 

@@ -1,20 +1,28 @@
 """Dataset parsing, validation, normalisation and splitting for chat data."""
 
+import errno
+import fcntl
 import json
+import logging
+import multiprocessing
 import os
 import random
+import shutil
+import signal
+import stat
 import statistics
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from multiprocessing import forkserver
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from entity.data import (
     DataFile,
@@ -34,14 +42,22 @@ from entity.data import (
 )
 from entity.task import TaskStatus
 from service import models
-from util.errors import ConflictError, ForbiddenPathError, InvalidInputError, NotFoundError
-from util.files import check_replaceable, default_dir_mode, write_marker
-from util.paths import resolve_client_path, resolve_output
-from util.settings import Settings
+from util.errors import (
+    AppError,
+    ConflictError,
+    ForbiddenPathError,
+    InvalidInputError,
+    NotFoundError,
+    PayloadTooLargeError,
+)
+from util.files import check_replaceable, default_dir_mode, fresh_dir, publish
+from util.paths import file_ids, resolve_client_path, resolve_in_roots, resolve_output
+from util.settings import Settings, secrets_hidden
 
 if TYPE_CHECKING:
     from service.tasks import TaskStore
 
+log = logging.getLogger(__name__)
 ROLE_ALIASES = {
     "system": "system",
     "user": "user",
@@ -52,6 +68,7 @@ ROLE_ALIASES = {
 SPLIT_NAMES = ("train", "val", "test")
 UPLOAD_DIR = "uploads"
 PROCESS_KIND = "process"
+PROCESS_LOCK_SUFFIX = ".process-lock"  # .NAME.process-lock beside a process output folder NAME
 TOKENIZE_CHUNK = 256  # conversations per batched tokenizer call in validate
 # Python refuses to convert longer integer literals (CVE-2020-10735); such a record is reported, not parsed.
 MAX_INT_DIGITS = sys.get_int_max_str_digits() or 4300
@@ -409,25 +426,6 @@ def length_stats(lengths: list[int], max_length: int) -> LengthStats | None:
     )
 
 
-class _Deadline:
-    """The time budget of one validation (data.validate_timeout_seconds)."""
-
-    def __init__(self, seconds: float, file_path: str) -> None:
-        """Start the clock."""
-        self.seconds, self.file_path = seconds, file_path
-        self.end = time.monotonic() + seconds
-
-    def check(self, record: int, stage: str = "reading records") -> None:
-        """Raise a clear 422 once the budget is spent."""
-        if time.monotonic() > self.end:
-            raise InvalidInputError(
-                f"Validating '{self.file_path}' took longer than {self.seconds:g} s "
-                f"(data.validate_timeout_seconds); it stopped while {stage}, at record {record}. "
-                "Split the file, or validate a sample of it.",
-                details={"timeout_seconds": self.seconds, "stage": stage, "record": record},
-            )
-
-
 def _same_kind(kind: str | None, found: str, fmt: str, record: Any, records: list[Any], formats: Counter[str]) -> str:
     """Keep a record of the file's kind (set by its first valid record); a record of the other kind is invalid."""
     if kind is not None and found != kind:
@@ -435,6 +433,349 @@ def _same_kind(kind: str | None, found: str, fmt: str, record: Any, records: lis
     formats[fmt] += 1
     records.append(record)
     return found
+
+
+def validate_records(
+    path: Path, max_length: int, tokenizer_path: Path | None, limit: int, progress: Any
+) -> ValidateResponse | None:
+    """Check every record of a file and measure token lengths with the tokenizer's chat template.
+
+    Runs in a validation worker process (see _ValidationPool). `progress` gets [record, stage] as it goes, so a
+    validation stopped at its deadline can say where. None when there are records to measure but no tokenizer.
+    """
+    formats: Counter[str] = Counter()
+    errors: list[RecordError] = []
+    invalid = 0
+    total = 0
+    kind: str | None = None
+    records: list[Any] = []
+    first_line: dict[str, int] = {}
+    duplicates: list[DuplicateRecord] = []
+    duplicate_count = 0
+    for rec in read_records(path):
+        total += 1
+        progress[0] = total
+        reason = rec.error
+        if reason is None:
+            try:
+                kind = _same_kind(kind, *normalize_any(rec.obj), records, formats)
+                key = conversation_key(records[-1])
+                if key in first_line:
+                    duplicate_count += 1
+                    if len(duplicates) < limit:
+                        duplicates.append(DuplicateRecord(line=rec.line, duplicate_of=first_line[key]))
+                else:
+                    first_line[key] = rec.line
+                continue
+            except RecordInvalid as exc:
+                reason = str(exc)
+        invalid += 1
+        if len(errors) < limit:
+            errors.append(RecordError(line=rec.line, reason=reason))
+    stats = None
+    if records:
+        if tokenizer_path is None:
+            return None
+        progress[1] = 1  # VALIDATE_STAGES[1]
+        tokenizer = models.load_tokenizer(tokenizer_path)
+        lengths: list[int] = []
+        for start in range(0, len(records), TOKENIZE_CHUNK):
+            progress[0] = start + 1
+            chunk = records[start : start + TOKENIZE_CHUNK]
+            if kind == "preference":  # the longer of the two answers
+                lengths += [
+                    max(len(models.chat_token_ids(tokenizer, p["prompt"] + p[side])) for side in ("chosen", "rejected"))
+                    for p in chunk
+                ]
+                continue
+            texts = [models.render_chat(tokenizer, conv) for conv in chunk]
+            # One batched call per chunk (the Rust tokenizer encodes the batch on several threads).
+            lengths += [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        stats = length_stats(lengths, max_length)
+    return ValidateResponse(
+        file_path=str(path),
+        valid=total > 0 and invalid == 0,
+        total=total,
+        valid_count=total - invalid,
+        invalid_count=invalid,
+        formats=dict(formats),
+        errors=errors,
+        errors_truncated=invalid > len(errors),
+        duplicate_count=duplicate_count,
+        duplicates=duplicates,
+        token_stats=stats,
+        kind=kind,
+    )
+
+
+# -- validation in a worker process -------------------------------------------------------------------------------
+
+VALIDATE_STAGES = ("reading records", "measuring token lengths")
+KEEP_WORKER_AFTER_MB = 16.0  # a worker that read a larger file is not reused: its heap stays large
+WORKER_JOBS = 200  # a worker is replaced after this many validations
+IDLE_WORKERS = 2  # workers kept waiting for the next validation
+WORKER_START_SECONDS = 120.0  # how long a new worker may take to be ready (not counted in a validation's time)
+# What a validation worker needs, imported once into the fork server so that starting a worker costs a fork: the
+# app module (`python main.py` runs it as __main__, and every worker runs its top level again as __mp_main__:
+# with its imports loaded that is quick), this module, and what loading a tokenizer imports (transformers resolves
+# the model's config class on the first load). Modules that are not there are skipped.
+FORKSERVER_PRELOAD = [
+    "main",
+    "service.data",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.models.auto.configuration_auto",
+    "transformers.activations",
+    "transformers.core_model_loading",
+    "transformers.tokenization_utils_tokenizers",
+]
+
+
+def _validation_worker(conn: Any, progress: Any, tokenizer_path: Path | None = None) -> None:
+    """A worker's loop: validate each job it is sent and send back the reply, until the server closes the pipe.
+
+    It loads `tokenizer_path` (the one the last validation used) before it says it is ready, so that a validation's
+    time is spent on its file.
+
+    Replies: ("ok", ValidateResponse | None), ("error", the AppError raised) or ("crash", what went wrong).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which then ends its workers
+    if tokenizer_path is not None:
+        try:
+            models.load_tokenizer(tokenizer_path)  # cached for the validations to come
+        except Exception:  # noqa: BLE001 - a validation that needs it reports the error
+            pass
+    conn.send(("ready",))
+    while True:
+        try:
+            path, max_length, tokenizer, limit = conn.recv()
+        except (EOFError, OSError):
+            return
+        progress[0], progress[1] = 0, 0
+        reply: tuple[Any, ...]
+        try:
+            reply = ("ok", validate_records(path, max_length, tokenizer, limit, progress))
+        except AppError as exc:
+            reply = ("error", exc)
+        except Exception as exc:  # noqa: BLE001 - reported to the server, which answers a 500
+            reply = ("crash", f"{type(exc).__name__}: {exc}")
+        conn.send(reply)
+
+
+@dataclass
+class _Worker:
+    """One validation worker process, its pipe and its shared progress counters [record, stage]."""
+
+    proc: Any
+    conn: Any
+    progress: Any
+    jobs: int = 0
+
+    def stop(self) -> None:
+        """End the worker now (it may be in the middle of a validation) and close its pipe."""
+        self.proc.kill()
+        self.proc.join(5)
+        self.conn.close()
+
+
+class _ValidationPool:
+    """Runs validations in worker processes, each killed when its validation runs past the deadline.
+
+    Validating one huge record is a single long parse and tokenizer call: no deadline check can run inside it, and
+    it holds the GIL for seconds (building the token lists), which stalls the server's event loop. In a worker
+    process the deadline is a kill, and the server's threads never wait on it. Workers are started from a fork
+    server (a clean process, never the threaded server itself) and reused while they stay small, so the tokenizer
+    they load is cached across validations.
+    """
+
+    def __init__(self) -> None:
+        """No workers until the first validation."""
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._ctx: Any = None
+        self._warming = False
+        self._tokenizer: Path | None = None  # the tokenizer the last validation used: new workers load it first
+
+    def prewarm(self, model: Path) -> None:
+        """Start the fork server and one idle worker in the background (once), so the first validation needn't wait.
+
+        The worker loads the tokenizer of `model` (the default base model) ahead of time.
+        """
+        with self._lock:
+            if self._warming:
+                return
+            self._warming = True
+
+        def warm() -> None:
+            try:
+                with self._lock:
+                    self._tokenizer = self._tokenizer or models.tokenizer_dir(model)
+            except AppError:
+                pass  # no default model to measure with: the worker starts without a tokenizer
+            try:
+                self._give(self._take(), keep=True)
+            except Exception:  # the first validation starts a worker itself (and reports why it cannot)
+                log.warning("could not start a validation worker ahead of time", exc_info=True)
+
+        threading.Thread(target=warm, name="validate-prewarm", daemon=True).start()
+
+    def _context(self) -> Any:
+        """The forkserver context, its fork server started (with its preload) and holding no API keys."""
+        with self._lock:
+            if self._ctx is None:
+                ctx = multiprocessing.get_context("forkserver")
+                ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+                with secrets_hidden():  # the fork server and every worker it forks inherit this environment
+                    forkserver.ensure_running()
+                self._ctx = ctx
+            return self._ctx
+
+    def _take(self) -> _Worker:
+        """An idle worker that is still alive, or a new one."""
+        with self._lock:
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.proc.is_alive():
+                    return worker
+                worker.stop()
+        ctx = self._context()
+        parent, child = ctx.Pipe()
+        progress = ctx.RawArray("q", 2)
+        with self._lock:
+            args = (child, progress, self._tokenizer)
+        proc = ctx.Process(target=_validation_worker, args=args, name="wintrain-validate", daemon=True)
+        proc.start()
+        child.close()
+        worker = _Worker(proc, parent, progress)
+        try:  # the worker's start (the fork, the main module's top level) is not part of any validation's time
+            if parent.poll(WORKER_START_SECONDS) and parent.recv() == ("ready",):
+                return worker
+        except (EOFError, OSError):
+            pass
+        worker.stop()
+        raise RuntimeError(f"a validation worker did not start (exit code {proc.exitcode})")
+
+    def _give(self, worker: _Worker, keep: bool) -> None:
+        """Keep a worker for the next validation, or end it."""
+        with self._lock:
+            if keep and worker.jobs < WORKER_JOBS and len(self._idle) < IDLE_WORKERS:
+                self._idle.append(worker)
+                return
+        worker.stop()
+
+    def run(self, job: tuple[Any, ...], seconds: float, keep: bool = True) -> tuple[Any, ...]:
+        """The worker's reply to `job`, or ("timeout", record, stage) once `seconds` have passed (the worker killed).
+
+        The clock starts once a ready worker holds the job: starting the fork server (once per server) or a worker
+        does not count.
+        """
+        if job[2] is not None:
+            with self._lock:
+                self._tokenizer = job[2]
+        worker = self._take()
+        try:
+            worker.conn.send(job)
+            if not worker.conn.poll(seconds):
+                record, stage = int(worker.progress[0]), int(worker.progress[1])
+                worker.stop()
+                return "timeout", record, stage
+            reply = worker.conn.recv()
+        except (EOFError, OSError):
+            worker.stop()
+            return "crash", f"the worker exited (code {worker.proc.exitcode})"
+        except BaseException:
+            worker.stop()
+            raise
+        worker.jobs += 1
+        self._give(worker, keep)
+        return reply
+
+
+_VALIDATORS = _ValidationPool()
+
+
+def _lock_beside(output: Path, name: str) -> int:
+    """Open (creating it) the hidden lock file beside an output folder: a plain file, never followed if a link."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    path = output.parent / f".{output.name}{PROCESS_LOCK_SUFFIX}"
+    flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO won't hang
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EACCES, errno.EPERM):
+            raise
+        fd = -1
+    if fd >= 0 and stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    if fd >= 0:
+        os.close(fd)
+    raise ConflictError(
+        f"output_dir '{name}' cannot be locked: '{path.name}' beside it is not a plain file this service can open "
+        "(a link or something else is there). Remove it, or choose another output_dir.",
+        details={"output_dir": name, "lock_file": path.name},
+    )
+
+
+MAX_NAME_BYTES = 255  # the longest file name (UTF-8 bytes) of the usual file systems (ext4, XFS, btrfs, NTFS)
+
+
+def upload_name(filename: str) -> str:
+    """An uploaded file's name without folders; 422 for an empty, hidden or over-long one."""
+    name = Path(filename or "").name
+    if not name or name in {".", ".."}:
+        raise InvalidInputError("The uploaded file needs a file name.")
+    if name.startswith("."):  # hidden names are the service's own (temp files, output markers)
+        raise InvalidInputError(
+            f"'{name}' starts with '.'; uploaded file names must not be hidden.", details={"filename": name}
+        )
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        raise InvalidInputError(
+            f"The file name is {size} bytes long (UTF-8); at most {MAX_NAME_BYTES} are accepted. Rename the file.",
+            details={"filename_bytes": size, "max_bytes": MAX_NAME_BYTES},
+        )
+    return name
+
+
+class UploadWriter:
+    """An upload being written to a hidden temporary file in its target's folder, refused past the size cap."""
+
+    def __init__(self, target: Path, max_mb: int) -> None:
+        """Create the temporary file (a unique name: concurrent uploads of one name never share a file)."""
+        self.target = target
+        self.max_mb = max_mb
+        self.size = 0
+        fd, tmp_name = tempfile.mkstemp(prefix=".upload-", suffix=".part", dir=target.parent)
+        self.tmp = Path(tmp_name)
+        try:
+            os.chmod(fd, default_dir_mode() & 0o666)  # mkstemp's 0600 would make the upload private
+            self.out = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            self.tmp.unlink(missing_ok=True)
+            raise
+
+    def write(self, chunk: bytes) -> None:
+        """Append content; 413 (and nothing written) once the upload would pass data.max_upload_mb."""
+        self.size += len(chunk)
+        if self.size > self.max_mb * 1024 * 1024:
+            raise PayloadTooLargeError(
+                f"The upload exceeds the {self.max_mb} MB limit (data.max_upload_mb).",
+                param="file",
+                details={"max_upload_mb": self.max_mb},
+            )
+        self.out.write(chunk)
+
+    def close(self) -> None:
+        """Flush and close the temporary file."""
+        self.out.close()
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (what was published under the target name stays)."""
+        try:
+            self.out.close()
+        except OSError:
+            pass  # a full disk fails the final flush too; the file goes all the same
+        self.tmp.unlink(missing_ok=True)
 
 
 class DataService:
@@ -446,7 +787,9 @@ class DataService:
         self._summaries: dict[Path, tuple[tuple[int, int], tuple[int, int, Counter[str]]]] = {}
         self._lock = threading.Lock()
         self._delete_lock = threading.Lock()
+        self._processing: set[str] = set()  # output folders a process call is writing now (guarded by _lock)
         self.store = store
+        _VALIDATORS.prewarm(settings.base_model_path())
 
     def _model(self, model: str | None) -> Path:
         """The model whose tokenizer measures lengths: a base, a train task id or a fine-tuned name."""
@@ -456,7 +799,7 @@ class DataService:
 
     def resolve_input(self, raw: str) -> Path:
         """Resolve a client file path inside the roots and require that it exists."""
-        path = resolve_client_path(raw, self.settings.data_dir, self.settings.roots)
+        path = resolve_in_roots(raw, self.settings.data_dir, self.settings)
         if not path.is_file():
             raise NotFoundError(f"File '{raw}' does not exist.", details={"path": raw})
         return path
@@ -472,73 +815,30 @@ class DataService:
                 "(data.max_validate_mb). Split the file, or validate a sample of it.",
                 details={"size_mb": round(size_mb, 1), "max_validate_mb": limits.max_validate_mb},
             )
-        deadline = _Deadline(limits.validate_timeout_seconds, file_path)
-        limit = limits.max_errors_reported
         max_length = max_length or self.settings.train.max_length
-        formats: Counter[str] = Counter()
-        errors: list[RecordError] = []
-        invalid = 0
-        total = 0
-        kind: str | None = None
-        records: list[Any] = []
-        first_line: dict[str, int] = {}
-        duplicates: list[DuplicateRecord] = []
-        duplicate_count = 0
-        for rec in read_records(path):
-            total += 1
-            if total % 1000 == 0:
-                deadline.check(total)
-            reason = rec.error
-            if reason is None:
-                try:
-                    kind = _same_kind(kind, *normalize_any(rec.obj), records, formats)
-                    key = conversation_key(records[-1])
-                    if key in first_line:
-                        duplicate_count += 1
-                        if len(duplicates) < limit:
-                            duplicates.append(DuplicateRecord(line=rec.line, duplicate_of=first_line[key]))
-                    else:
-                        first_line[key] = rec.line
-                    continue
-                except RecordInvalid as exc:
-                    reason = str(exc)
-            invalid += 1
-            if len(errors) < limit:
-                errors.append(RecordError(line=rec.line, reason=reason))
-        stats = None
-        if records:
-            tokenizer = models.load_tokenizer(models.tokenizer_dir(self._model(model)))
-            lengths: list[int] = []
-            for start in range(0, len(records), TOKENIZE_CHUNK):
-                deadline.check(start + 1, "measuring token lengths")
-                chunk = records[start : start + TOKENIZE_CHUNK]
-                if kind == "preference":  # the longer of the two answers
-                    lengths += [
-                        max(
-                            len(models.chat_token_ids(tokenizer, p["prompt"] + p[side]))
-                            for side in ("chosen", "rejected")
-                        )
-                        for p in chunk
-                    ]
-                    continue
-                texts = [models.render_chat(tokenizer, conv) for conv in chunk]
-                # One batched call per chunk: the Rust tokenizer releases the GIL, so other requests keep running.
-                lengths += [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-            stats = length_stats(lengths, max_length)
-        return ValidateResponse(
-            file_path=str(path),
-            valid=total > 0 and invalid == 0,
-            total=total,
-            valid_count=total - invalid,
-            invalid_count=invalid,
-            formats=dict(formats),
-            errors=errors,
-            errors_truncated=invalid > len(errors),
-            duplicate_count=duplicate_count,
-            duplicates=duplicates,
-            token_stats=stats,
-            kind=kind,
-        )
+        try:  # resolved here (the task store lives in this process); an error counts only if a record needs it
+            tokenizer_path: Path | None = models.tokenizer_dir(self._model(model))
+            model_error: AppError | None = None
+        except AppError as exc:
+            tokenizer_path, model_error = None, exc
+        job = (path, max_length, tokenizer_path, limits.max_errors_reported)
+        seconds = limits.validate_timeout_seconds
+        reply = _VALIDATORS.run(job, seconds, keep=size_mb <= KEEP_WORKER_AFTER_MB)
+        if reply[0] == "timeout":
+            record, stage = reply[1], VALIDATE_STAGES[reply[2]]
+            raise InvalidInputError(
+                f"Validating '{file_path}' took longer than {seconds:g} s "
+                f"(data.validate_timeout_seconds); it stopped while {stage}, at record {record}. "
+                "Split the file, or validate a sample of it.",
+                details={"timeout_seconds": seconds, "stage": stage, "record": record},
+            )
+        if reply[0] == "error":
+            raise reply[1]
+        if reply[0] == "crash":
+            raise RuntimeError(f"validating '{file_path}' failed in the validation worker: {reply[1]}")
+        if reply[1] is None:  # records to measure, and the model to measure them with did not resolve
+            raise model_error or NotFoundError(f"No tokenizer to measure '{file_path}' with.")
+        return reply[1]
 
     def process(self, req: ProcessRequest) -> ProcessResponse:
         """Normalise valid records to messages JSONL, drop duplicates, and write a seeded split."""
@@ -548,6 +848,42 @@ class DataService:
             raise ConflictError(
                 f"output_dir '{req.output_dir}' is a file, not a folder.", details={"output_dir": req.output_dir}
             )
+        with self._output_lock(out_dir, req.output_dir):  # a concurrent call into this folder gets a 409
+            return self._process(req, paths, out_dir)
+
+    @contextmanager
+    def _output_lock(self, out_dir: Path, name: str) -> Iterator[None]:
+        """Hold `out_dir` for one process call; a concurrent call into it (here or on another server) gets a 409.
+
+        A set of busy folders covers this server's threads; an flock on a hidden lock file beside the folder (never
+        inside it: the folder is replaced whole) covers servers that share the data dir.
+        """
+        key = str(out_dir)
+        busy = ConflictError(
+            f"Another /api/data/process call is writing to output_dir '{name}' now; try again once it has finished.",
+            details={"output_dir": name},
+        )
+        with self._lock:
+            if key in self._processing:
+                raise busy
+            self._processing.add(key)
+        try:
+            fd = _lock_beside(out_dir, name)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise busy from None
+            try:
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+        finally:
+            with self._lock:
+                self._processing.discard(key)
+
+    def _process(self, req: ProcessRequest, paths: list[Path], out_dir: Path) -> ProcessResponse:
+        """Process into `out_dir` while holding its lock: the splits and the marker are published together."""
         check_replaceable(out_dir, PROCESS_KIND, req.output_dir)
         targets = {name: out_dir / f"{name}.jsonl" for name in SPLIT_NAMES}
         existing = [str(p) for p in targets.values() if p.exists()]
@@ -594,18 +930,22 @@ class DataService:
         n_train = round(n * cfg.train_ratio)
         n_val = min(round(n * cfg.val_ratio), n - n_train)
         parts = {"train": kept[:n_train], "val": kept[n_train : n_train + n_val], "test": kept[n_train + n_val :]}
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_marker(out_dir, PROCESS_KIND, uuid.uuid4().hex)
-        splits = {}
-        for name, records in parts.items():
-            tmp = targets[name].with_suffix(".jsonl.tmp")
-            with tmp.open("w", encoding="utf-8") as fh:
-                for record in records:
-                    # Chat records become {"messages": [...]}; preference records TRL's prompt/chosen/rejected.
-                    row = record if kind == "preference" else {"messages": record}
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            tmp.replace(targets[name])  # atomic: a reader never sees a half-written split
-            splits[name] = SplitFile(path=str(targets[name]), count=len(records))
+        # The three splits go into a fresh folder (mkdtemp: a new name only this process can enter, and each split
+        # created exclusively, so nothing planted is written through), which then replaces the output folder whole,
+        # marker included: a reader sees the earlier splits or these, never a mix of two calls.
+        staging = fresh_dir(out_dir)
+        try:
+            splits = {}
+            for name, records in parts.items():
+                with (staging / targets[name].name).open("x", encoding="utf-8") as fh:
+                    for record in records:
+                        # Chat records become {"messages": [...]}; preference records TRL's prompt/chosen/rejected.
+                        row = record if kind == "preference" else {"messages": record}
+                        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                splits[name] = SplitFile(path=str(targets[name]), count=len(records))
+            publish(staging, out_dir, PROCESS_KIND, uuid.uuid4().hex)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone after a publish; left over after an error
         return ProcessResponse(
             input_file=str(paths[0]),
             input_files=[str(p) for p in paths],
@@ -618,51 +958,47 @@ class DataService:
             splits=splits,
         )
 
-    def upload(self, filename: str, stream: BinaryIO, overwrite: bool = False) -> UploadResponse:
-        """Store an uploaded file under the data dir, refusing oversize files and silent overwrites."""
-        name = Path(filename or "").name
-        if not name or name in {".", ".."}:
-            raise InvalidInputError("The uploaded file needs a file name.")
-        if name.startswith("."):  # hidden names are the service's own (temp files, output markers)
-            raise InvalidInputError(
-                f"'{name}' starts with '.'; uploaded file names must not be hidden.", details={"filename": name}
-            )
-        target = resolve_client_path(f"{UPLOAD_DIR}/{name}", self.settings.data_dir, [self.settings.data_dir])
-        if target.exists() and not overwrite:
-            raise ConflictError(
-                f"'{target.name}' already exists in {UPLOAD_DIR}/; pass overwrite=true to replace it.",
-                details={"file_path": str(target)},
-            )
+    def begin_upload(self, filename: str, overwrite: bool | None = None) -> UploadWriter:
+        """Check an upload's name, then open its temporary file beside its target (uploads/NAME).
+
+        With `overwrite` known to be off, a taken name is refused before any content is read; finish_upload
+        checks again in any case (the form field may come after the file).
+        """
+        name = upload_name(filename)
+        target = resolve_client_path(
+            f"{UPLOAD_DIR}/{name}", self.settings.data_dir, [self.settings.data_dir], self.settings.private_paths
+        )
+        if overwrite is False and target.exists():
+            raise self._taken(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        limit = self.settings.data.max_upload_mb * 1024 * 1024
-        # A unique temporary name: concurrent uploads of one name never write into each other's file.
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-        tmp = Path(tmp_name)
-        os.chmod(fd, default_dir_mode() & 0o666)  # mkstemp's 0600 would make the upload private
-        size = 0
+        return UploadWriter(target, self.settings.data.max_upload_mb)
+
+    def finish_upload(self, upload: UploadWriter, overwrite: bool = False) -> UploadResponse:
+        """Publish a fully received upload under uploads/ (replacing a file only with overwrite) and mark it."""
+        target = upload.target
         try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := stream.read(1024 * 1024):
-                    size += len(chunk)
-                    if size > limit:
-                        raise InvalidInputError(f"The upload exceeds the {self.settings.data.max_upload_mb} MB limit.")
-                    out.write(chunk)
+            upload.close()
             if overwrite:
-                tmp.replace(target)
+                upload.tmp.replace(target)
             else:
                 try:  # a hard link never replaces: of two concurrent uploads of one name, exactly one wins
-                    os.link(tmp, target)
+                    os.link(upload.tmp, target)
                 except FileExistsError:
-                    raise ConflictError(
-                        f"'{target.name}' already exists in {UPLOAD_DIR}/; pass overwrite=true to replace it.",
-                        details={"file_path": str(target)},
-                    ) from None
+                    raise self._taken(target) from None
             marker = target.parent / UPLOAD_MARKERS / target.name
             marker.parent.mkdir(exist_ok=True)
             marker.touch()  # DELETE removes only files that came this way
         finally:
-            tmp.unlink(missing_ok=True)
-        return UploadResponse(file_path=str(target), size_bytes=size)
+            upload.discard()
+        return UploadResponse(file_path=str(target), size_bytes=upload.size)
+
+    @staticmethod
+    def _taken(target: Path) -> ConflictError:
+        """The 409 for an upload whose name is taken."""
+        return ConflictError(
+            f"'{target.name}' already exists in {UPLOAD_DIR}/; pass overwrite=true to replace it.",
+            details={"file_path": str(target)},
+        )
 
     # -- dataset tools -------------------------------------------------------------------------------------
 
@@ -690,11 +1026,15 @@ class DataService:
     def list_files(self, kind: str | None = None) -> DataFileList:
         """Uploaded and processed dataset files under the data dir, newest first."""
         root = self.settings.data_dir
+        private = {p.resolve() for p in self.settings.private_paths}
+        private_ids = file_ids(private)
         items = []
         for path in root.rglob("*") if root.is_dir() else []:
             rel = path.relative_to(root)
             if rel.parts[0] in NOT_DATASETS or any(p.startswith(".") for p in rel.parts):
                 continue  # task logs, and half-written uploads (.name.part) or staging files
+            if path.resolve() in private or file_ids([path]) & private_ids:
+                continue  # the task database (under any name) is never opened as a dataset
             if path.suffix not in DATASET_SUFFIXES or path.is_symlink() or not path.is_file():
                 continue
             uploaded = rel.parts[0] == UPLOAD_DIR and len(rel.parts) == 2
@@ -754,7 +1094,7 @@ class DataService:
                 f"'{file_path}' is not an uploaded file: give its name, or uploads/<name>.",
                 details={"file_path": file_path},
             )
-        target = resolve_client_path(name, uploads, [uploads])
+        target = resolve_client_path(name, uploads, [uploads], self.settings.private_paths)
         busy = self._paths_in_use().get(str(target))
         if busy:
             raise ConflictError(

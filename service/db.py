@@ -1,10 +1,14 @@
 """The store's database: engine creation, the write lock and Alembic migrations, per backend (SQLite, PostgreSQL)."""
 
+import errno
 import fcntl
 import logging
+import os
+import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -35,26 +39,139 @@ def store_error_text(exc: BaseException) -> str:
     return str(getattr(exc, "orig", None) or exc).strip()
 
 
-def retry_store(call: Callable[[], T], seconds: float, what: str) -> T:
-    """Run `call`, retrying with backoff while the database does not answer, for up to `seconds`; then raise."""
+SQLITE_FULL = 13  # sqlite3's error code for "database or disk is full" (a write found no space)
+PG_DISK_FULL = "53100"  # PostgreSQL's SQLSTATE disk_full
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether an error (or one it wraps) says the disk is full, as opposed to a database outage.
+
+    SQLite's SQLITE_FULL ("database or disk is full"), PostgreSQL's 53100 disk_full, an OSError ENOSPC/EDQUOT from
+    writing a file, or an error of a library that carries that OS error's text. Looks through SQLAlchemy's `orig`
+    and the exception's cause and context.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(os.strerror(code) in str(exc) for code in DISK_FULL_ERRNOS):  # a library's wrapped OS error
+            return True  # (e.g. safetensors: "I/O error: No space left on device (os error 28)")
+        if isinstance(exc, sqlite3.Error) and (
+            getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL or "database or disk is full" in str(exc)
+        ):
+            return True
+        if getattr(exc, "sqlstate", None) == PG_DISK_FULL or getattr(exc, "pgcode", None) == PG_DISK_FULL:
+            return True
+        orig = getattr(exc, "orig", None)
+        if isinstance(orig, BaseException) and id(orig) not in seen:
+            exc = orig
+            continue
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def retry_store(call: Callable[[], T], seconds: float, what: str, wait_for_space: bool = False) -> T:
+    """Run `call`, retrying with backoff while the database does not answer, for up to `seconds`; then raise.
+
+    A full disk is not an outage: its error is raised at once (the caller can record a failure now), unless
+    `wait_for_space` (a run's worker, whose weights live only in its memory), which waits for space as for an outage.
+    """
     deadline = time.monotonic() + seconds
     delay = 0.5
     while True:
         try:
             return call()
         except STORE_ERRORS as exc:
-            if time.monotonic() + delay > deadline:
+            full = is_disk_full(exc)
+            if (full and not wait_for_space) or time.monotonic() + delay > deadline:
                 raise
-            log.warning("task store unavailable while %s (%s); retrying in %.1f s", what, store_error_text(exc), delay)
+            state = "disk full" if full else "task store unavailable"
+            log.warning("%s while %s (%s); retrying in %.1f s", state, what, store_error_text(exc), delay)
             time.sleep(delay)
             delay = min(2 * delay, 10.0)
+
+
+RESERVE_BYTES = 1 << 20  # the spare file kept beside a SQLite store, given up when the disk is full
+RESERVE_SUFFIX = "-reserve"
+
+
+def sqlite_file(bind: Engine | str | Path) -> Path | None:
+    """The SQLite file of an engine or URL; None for PostgreSQL or an in-memory database."""
+    url = bind.url if isinstance(bind, Engine) else make_url(database_url(bind))
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database)
+
+
+class DiskReserve:
+    """A spare file (RESERVE_BYTES) beside a SQLite store, so a full disk can still take a task's outcome.
+
+    When a store write fails for a full disk, the writer deletes the spare and writes again: the few pages a status
+    change needs fit in the space it held. The server re-creates it (`ensure`) once the disk has room again; while it
+    is missing and cannot be re-created, /health reports the disk full. A PostgreSQL store has none (its disk is the
+    database server's).
+    """
+
+    def __init__(self, db_file: Path | None) -> None:
+        """Bind to a store's SQLite file (None: no reserve)."""
+        self.path = None if db_file is None else db_file.with_name(db_file.name + RESERVE_SUFFIX)
+
+    def release(self) -> bool:
+        """Delete the spare file to free its space; whether there was one."""
+        if self.path is None:
+            return False
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        log.warning("disk full: gave up the store's reserve of %d KiB to record a task's outcome", RESERVE_BYTES >> 10)
+        return True
+
+    def ensure(self) -> bool:
+        """(Re-)create the spare file if it is missing and the disk has room for it and more; whether it exists."""
+        if self.path is None:
+            return True
+        with suppress(FileNotFoundError):
+            if self.path.stat().st_size >= RESERVE_BYTES:
+                return True
+        staging = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            if shutil.disk_usage(self.path.parent).free < RESERVE_BYTES + low_space_bytes(self.path.parent):
+                return False
+            staging.unlink(missing_ok=True)  # a stale one (or a planted link): created anew, never written through
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                try:
+                    os.posix_fallocate(fd, 0, RESERVE_BYTES)  # blocks really taken (a sparse file frees nothing)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    os.write(fd, b"\0" * RESERVE_BYTES)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(staging, self.path)
+        except OSError as exc:
+            log.warning("could not create the store's disk reserve: %s", exc)
+            with suppress(OSError):
+                staging.unlink(missing_ok=True)
+            return False
+        return True
+
+
+def low_space_bytes(folder: Path) -> int:
+    """Free space below which a folder's filesystem counts as full: 64 MiB, or 2% of a small filesystem."""
+    return min(64 << 20, shutil.disk_usage(folder).total // 50)
 
 
 class Patient:
     """A store whose every method call waits out a database outage (up to `seconds`) instead of raising.
 
-    For a worker whose state lives only in its own memory (a run's weights), where giving up would lose it. A write
-    whose commit reached the database but whose answer did not is sent again, as any retry would.
+    For a worker whose state lives only in its own memory (a run's weights), where giving up would lose it; a full
+    disk is waited out the same way (logged as such), as space may be freed. A write whose commit reached the
+    database but whose answer did not is sent again, as any retry would.
     """
 
     def __init__(self, store: object, seconds: float) -> None:
@@ -69,7 +186,7 @@ class Patient:
             return attr
 
         def patient(*args: object, **kwargs: object) -> object:
-            return retry_store(lambda: attr(*args, **kwargs), self._seconds, name)
+            return retry_store(lambda: attr(*args, **kwargs), self._seconds, name, wait_for_space=True)
 
         return patient
 
@@ -219,3 +336,72 @@ def upgrade(engine: Engine) -> str:
         conn.commit()
         log.info("task store migrated from %s to %s", current or "empty", head)
         return current or ""
+
+
+LEGACY_DB_NAME = "tasks.db"  # the task database's old default place was the data dir: data/tasks.db
+
+
+def relocate_legacy_store(db_path: Path, data_dir: Path) -> Path:
+    """Move an install's task database out of the data dir (its old default) to `db_path`; return the file to use.
+
+    The data dir is where clients read and write, so the database no longer lives there. A SQLite copy (the backup
+    API, after a WAL checkpoint) goes to a temp name beside `db_path` and is renamed into place; then the old files
+    are removed. While the old store still has a live worker (a running task or run, which writes to the old file),
+    nothing moves: the old file stays in use (still closed to clients) and moves on a later start.
+    """
+    legacy = data_dir / LEGACY_DB_NAME
+    if db_path.resolve() == legacy.resolve() or not legacy.is_file() or legacy.is_symlink():
+        return db_path
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_fd = os.open(db_path.parent / f".{db_path.name}.relocate.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # servers starting together: one moves, the others find it moved
+        if not legacy.is_file():
+            return db_path
+        if db_path.exists():
+            log.warning(
+                "a task database exists both at paths.db_path and in the data dir (%s); using paths.db_path and "
+                "leaving the other one alone (clients cannot open it only while it is the configured store)",
+                LEGACY_DB_NAME,
+            )
+            return db_path
+        source = sqlite3.connect(legacy, timeout=30)
+        try:
+            if _live_workers(source):
+                log.warning(
+                    "the task database is still in the data dir and a worker writes to it; it moves to "
+                    "paths.db_path on a start with no running task or run"
+                )
+                return legacy
+            source.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            staging = db_path.with_name(f".{db_path.name}.{os.getpid()}.relocating")
+            staging.unlink(missing_ok=True)
+            copy = sqlite3.connect(staging)
+            try:
+                source.backup(copy)
+            finally:
+                copy.close()
+        finally:
+            source.close()
+        os.replace(staging, db_path)
+        for suffix in ("", "-wal", "-shm", "-journal", ".migrate.lock", RESERVE_SUFFIX):
+            legacy.with_name(legacy.name + suffix).unlink(missing_ok=True)
+        log.warning("moved the task database out of the data dir to paths.db_path (clients can no longer reach it)")
+        return db_path
+    finally:
+        os.close(lock_fd)
+
+
+def _live_workers(conn: sqlite3.Connection) -> bool:
+    """Whether a store has a running task or a live run, whose worker may still write to it."""
+    queries = (
+        "SELECT count(*) FROM tasks WHERE status = 'running'",
+        "SELECT count(*) FROM runs WHERE status IN ('starting', 'ready')",
+    )
+    for query in queries:
+        try:
+            if conn.execute(query).fetchone()[0]:
+                return True
+        except sqlite3.OperationalError:  # a store from before that table existed, or an empty file
+            continue
+    return False

@@ -25,8 +25,8 @@ from service.jobs import JobRunner
 from service.models import LoadedModel, ModelCache
 from service.tasks import TaskStore
 from util.errors import ConflictError, InvalidInputError, NotFoundError
-from util.files import check_replaceable, write_json, write_marker
-from util.paths import resolve_client_path, resolve_output
+from util.files import check_replaceable, claim_fresh, release, write_json
+from util.paths import resolve_in_roots, resolve_output
 from util.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class EvalService:
 
     def _dataset(self, raw: str, backend: str, benchmark: str) -> Path:
         """Resolve the dataset and check it holds something to evaluate."""
-        path = resolve_client_path(raw, self.settings.data_dir, self.settings.roots)
+        path = resolve_in_roots(raw, self.settings.data_dir, self.settings)
         if not path.is_file():
             raise NotFoundError(f"dataset_path '{raw}' does not exist.", details={"dataset_path": raw})
         if backend == "evalscope" and benchmark == "general_mcq":
@@ -311,13 +311,25 @@ def evaluate_model(
 
 
 def run_eval(settings: Settings, store: TaskStore, task_id: str, request: dict[str, Any]) -> dict[str, Any]:
-    """Run one eval task; write evaluation_results.json and return the results."""
+    """Run one eval task; write evaluation_results.json and return the results.
+
+    The output folder is claimed fresh (links planted in it dropped; checked at request time too, the folder may
+    have changed since) and stays private (0700) until the task ends.
+    """
+    output = Path(request["resolved"]["output_dir"])
+    claim_fresh(output, TaskKind.eval, task_id)
+    try:
+        return _evaluate(settings, store, task_id, request, output)
+    finally:
+        release(output, TaskKind.eval, task_id)
+
+
+def _evaluate(
+    settings: Settings, store: TaskStore, task_id: str, request: dict[str, Any], output: Path
+) -> dict[str, Any]:
+    """The body of run_eval: evaluate and write the results into the claimed `output`."""
     req = EvalRequest.model_validate(request["eval"])
     resolved = request["resolved"]
-    output = Path(resolved["output_dir"])
-    check_replaceable(output, TaskKind.eval)  # checked at request time too; the folder may have changed since
-    output.mkdir(parents=True, exist_ok=True)
-    write_marker(output, TaskKind.eval, task_id)
     dataset, model_path = Path(resolved["dataset_path"]), Path(resolved["model_path"])
     models.check_model_sources(model_path, settings)  # again here: an adapter's files may have changed since
     if resolved.get("compare_path"):

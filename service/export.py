@@ -8,11 +8,13 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import tarfile
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from entity.export import ArchiveExportRequest, ExportBase, GgufExportRequest, MergedExportRequest, OnnxExportRequest
 from entity.task import TaskKind, TaskRow, TaskStatus
@@ -20,7 +22,16 @@ from service import models
 from service.jobs import JobRunner
 from service.tasks import TaskStore
 from util.errors import ConflictError, InvalidInputError, NotFoundError
-from util.files import OUTPUT_MARKER, check_replaceable, fresh_dir, publish, read_json, write_json
+from util.files import (
+    OUTPUT_MARKER,
+    check_replaceable,
+    default_file_mode,
+    fresh_dir,
+    open_stored,
+    publish,
+    read_json,
+    write_json,
+)
 from util.paths import resolve_output
 from util.settings import Settings
 
@@ -133,6 +144,12 @@ class ExportService:
         if output.is_file():
             raise ConflictError(f"output_path '{output}' is a file; a GGUF export writes a folder.")
         return self._submit("gguf", req, model, output, task_id)
+
+    def open_download(self, task_id: str) -> tuple[BinaryIO, str]:
+        """The archive of a succeeded archive export, opened for download (never through a link), and its name."""
+        path = self.download_path(task_id)
+        archive = f"The archive of task '{task_id}' ({path.name})"  # the file name only, no server folder
+        return open_stored(path, self.settings.roots, archive), path.name
 
     def download_path(self, task_id: str) -> Path:
         """The archive of a succeeded archive export, for download."""
@@ -425,18 +442,23 @@ def export_archive(
     members: dict[str, Path] = {}
     for path in sorted(model_path.rglob("*")):
         rel = path.relative_to(model_path)
-        # Our README (with the loading lines) replaces the generated model card.
-        if path.is_file() and rel.as_posix() != "README.md" and not any(p.startswith(ARCHIVE_SKIP) for p in rel.parts):
+        # Our README (with the loading lines) replaces the generated model card; links are never archived.
+        skipped = rel.as_posix() == "README.md" or any(p.startswith(ARCHIVE_SKIP) for p in rel.parts)
+        if path.is_file() and not path.is_symlink() and not skipped:
             members[f"{root}/{rel.as_posix()}"] = path
     if tok_dir != model_path:  # an adapter without its own tokenizer: take its base's
         for path in tok_dir.iterdir():
             if path.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
-                members.setdefault(f"{root}/{path.name}", path)
+                if not path.is_symlink():
+                    members.setdefault(f"{root}/{path.name}", path)
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.{task_id}.partial")
+    # A new name, created exclusively: a link planted at a predictable staging name is never written through.
+    fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+    staging = Path(name)
     readme = archive_readme(model_path, adapter, base).encode("utf-8")
     try:
-        with tarfile.open(staging, "w:gz") as tar:
+        os.fchmod(fd, default_file_mode())
+        with os.fdopen(fd, "wb") as fh, tarfile.open(fileobj=fh, mode="w:gz") as tar:
             for arcname, path in members.items():
                 tar.add(path, arcname=arcname, recursive=False)
             info = tarfile.TarInfo(f"{root}/README.md")

@@ -16,12 +16,12 @@ from pathlib import Path
 from entity.task import TaskKind, TaskRow, TaskStatus
 from service import models
 from service.backends import Room, TaskBackend, TaskHandle, make_backend
-from service.db import STORE_ERRORS, store_error_text
+from service.db import STORE_ERRORS, is_disk_full, store_error_text
 from service.tasks import TaskStore
 from service.train.checkpoints import latest_checkpoint
-from service.worker import SETTINGS_ENV
+from service.worker import DISK_FULL_EXIT, SETTINGS_ENV
 from util.errors import ConflictError
-from util.settings import PROJECT_ROOT, Settings
+from util.settings import PROJECT_ROOT, Settings, is_secret_env
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +158,15 @@ def describe_exit(code: int) -> str:
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         hint = " (possibly killed for running out of memory)" if sig == signal.SIGKILL else ""
         return f"worker process was killed by signal {name}{hint}"
+    if code == DISK_FULL_EXIT:
+        return "disk full: the worker could not record the task's outcome (no space left for the task store)"
     return f"worker process exited with code {code}"
 
 
 def read_tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
     """The last `chars` characters of a log file, or '' if absent."""
     try:
-        with path.open("rb") as fh:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             fh.seek(max(0, size - chars))
@@ -181,7 +183,7 @@ class JobRunner:
         self.settings = settings
         self.store = store
         self.slots = settings.jobs.max_concurrent_jobs or default_slots()
-        self.log_dir = settings.data_dir / "logs"
+        self.log_dir = settings.logs_dir
         # Who claims tasks: servers sharing one store each run (and adopt, and kill) only the tasks they claimed.
         self.owner = scheduler_owner(settings)
         self._running: dict[str, RunningJob] = {}
@@ -201,6 +203,7 @@ class JobRunner:
             self.owner, socket.gethostname(), os.getpid(), STALE_SCHEDULER_SECONDS, alive=pid_alive
         )
         self._seen = time.monotonic()
+        self.store.reserve.ensure()  # spare space beside a SQLite store, for outcomes on a full disk
         if self.backend is not None:
             self.backend.connect()
         self.recover()
@@ -365,8 +368,11 @@ class JobRunner:
                 if time.monotonic() - last_purge > PURGE_EVERY_SECONDS:
                     last_purge = time.monotonic()
                     self.purge_expired()
-            except STORE_ERRORS as exc:  # an outage: one line per pass, not a traceback
-                log.warning("scheduler pass skipped: task store unavailable (%s)", store_error_text(exc))
+            except STORE_ERRORS as exc:  # an outage or a full disk: one line per pass, not a traceback
+                why = "disk full" if is_disk_full(exc) else "task store unavailable"
+                if why == "disk full":
+                    self.store.note_disk_full()
+                log.warning("scheduler pass skipped: %s (%s)", why, store_error_text(exc))
             except Exception:
                 log.exception("scheduler tick failed")
             self._wake.wait(self.settings.jobs.poll_interval)
@@ -377,6 +383,7 @@ class JobRunner:
         if self._thread is not None and time.monotonic() - self._seen > HEARTBEAT_SECONDS:
             self._seen = time.monotonic()
             self.store.scheduler_seen(self.owner, os.getpid())
+            self.store.reserve.ensure()  # back once the disk has room again (a full disk's writer used it)
         self._reap()
         self._carry_out_cancels()
         while not self._stop.is_set():
@@ -404,6 +411,8 @@ class JobRunner:
 
         def record(job: RunningJob, reason: str, error: str) -> None:
             # Only changes anything if the child died without recording its own outcome.
+            if reason == describe_exit(DISK_FULL_EXIT):
+                self.store.note_disk_full()
             self.store.move(job.task_id, TaskStatus.failed, (TaskStatus.running,), reason, error=error)
 
         record_ended(self._running, self._lock, record)
@@ -509,21 +518,13 @@ def record_ended(
         except STORE_ERRORS as exc:
             with lock:
                 running.setdefault(job.task_id, job)
-            log.warning(
-                "task store unavailable; the end of %s is recorded later (%s)", job.task_id, store_error_text(exc)
-            )
-
-
-SECRET_ENV = ("API_KEYS",)  # exact names; every WT_AUTH__* variable is left out too
+            why = "disk full" if is_disk_full(exc) else "task store unavailable"
+            log.warning("%s; the end of %s is recorded later (%s)", why, job.task_id, store_error_text(exc))
 
 
 def worker_environment() -> dict[str, str]:
     """The server's environment without its API keys: a worker never needs them (and never receives them)."""
-    return {
-        name: value
-        for name, value in os.environ.items()
-        if name.upper() not in SECRET_ENV and not name.upper().startswith("WT_AUTH__")
-    }
+    return {name: value for name, value in os.environ.items() if not is_secret_env(name)}
 
 
 def nice_prefix(nice: int) -> list[str]:
@@ -550,7 +551,9 @@ def spawn_worker(
         "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     }
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as out:
+    # O_NOFOLLOW: a link planted at a queued task's log name is never written through.
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "ab") as out:
         return subprocess.Popen(
             [*nice_prefix(settings.jobs.worker_nice), sys.executable, "-m", *module_args],
             cwd=PROJECT_ROOT,

@@ -4,6 +4,7 @@ import importlib.metadata
 import logging
 import re
 import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -12,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from util.errors import ConflictError, ForbiddenPathError, InvalidInputError, NotFoundError
-from util.files import read_json
-from util.paths import is_within, resolve_client_path
+from util.files import default_dir_mode, read_json
+from util.paths import check_not_private, is_within, resolve_in_roots
 from util.settings import Settings
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def resolve_model(identifier: str | None, settings: Settings) -> Path:
     named = settings.model_dir / "base" / identifier
     if "/" not in identifier and is_model_dir(named):
         return named
-    path = resolve_client_path(identifier, settings.model_dir, settings.roots)
+    path = resolve_in_roots(identifier, settings.model_dir, settings)
     if not path.exists():
         raise NotFoundError(f"Model '{identifier}' was not found.", details={"model": identifier})
     if not is_model_dir(path):
@@ -148,10 +149,19 @@ def adapter_base(path: Path) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _trusted_source(resolved: Path, settings: Settings) -> bool:
-    """Whether a path read from a model's files may be loaded: inside the roots, or in the base-model store."""
+def _trusted_source(raw: str, settings: Settings) -> bool:
+    """Whether a path read from a model's files may be loaded: in the roots or base store, never a server-owned file."""
+    if raw.startswith("~"):  # a loader would expand it to some account's home: never trusted, never looked up
+        return False
+    resolved = Path(raw).resolve()
     trusted = [*(r.resolve() for r in settings.roots), (settings.model_dir / "base").resolve()]
-    return any(is_within(resolved, root) for root in trusted) or resolved == settings.base_model_path().resolve()
+    if not (any(is_within(resolved, root) for root in trusted) or resolved == settings.base_model_path().resolve()):
+        return False
+    try:
+        check_not_private(resolved, raw, settings.private_paths)
+    except ForbiddenPathError:
+        return False
+    return True
 
 
 def checked_adapter_base(path: Path, settings: Settings) -> Path:
@@ -165,14 +175,13 @@ def checked_adapter_base(path: Path, settings: Settings) -> Path:
             f"The adapter at '{path.name}' names no base model (base_model_name_or_path is empty).",
             details={"model": path.name},
         )
-    resolved = Path(raw).expanduser().resolve()  # resolved as the loaders will read it
-    if not _trusted_source(resolved, settings):
+    if not _trusted_source(raw, settings):
         raise ForbiddenPathError(
             f"The adapter at '{path.name}' names a base model (base_model_name_or_path) outside the allowed roots; "
             "it must be a model folder inside the data dir, the model dir or an allowed root.",
             details={"model": path.name},
         )
-    return resolved
+    return Path(raw).resolve()  # resolved as the loaders will read it
 
 
 def check_tokenizer_files(path: Path, settings: Settings) -> None:
@@ -186,7 +195,7 @@ def check_tokenizer_files(path: Path, settings: Settings) -> None:
     for key, value in cfg.items():
         if not (key.endswith("_file") and isinstance(value, str) and value.strip()):
             continue
-        if "\x00" in value or not _trusted_source(Path(value).expanduser().resolve(), settings):
+        if "\x00" in value or not _trusted_source(value, settings):
             raise ForbiddenPathError(
                 f"The tokenizer at '{path.name}' names a file ({key}) outside the allowed roots.",
                 details={"model": path.name, "field": key},
@@ -539,16 +548,24 @@ def prepare_default_model(out: Path, gguf: Path | None = None) -> bool:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf or default_gguf()
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A new folder (mkdtemp), not a fixed name: a link planted at a fixed name would take the weights elsewhere.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     log.info("converting %s to %s", gguf.name, out)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # the GGUF weights are already dequantized on load
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.to(torch.bfloat16).save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # only a complete conversion ever appears at `out`
+    try:
+        model.to(torch.bfloat16).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.chmod(default_dir_mode())
+        if out.is_symlink():
+            out.unlink()
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)  # only a complete conversion ever appears at `out`
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return True

@@ -2,10 +2,12 @@
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from entity.files import FileEntry, TaskFileList
 from service.tasks import TaskStore
 from util.errors import ForbiddenPathError, NotFoundError
+from util.files import open_stored
 from util.paths import is_within, resolve_client_path
 from util.settings import Settings
 
@@ -78,9 +80,22 @@ class OutputFileService:
         """The file `relative` inside the task's output; 403 if it leaves the folder, 404 if absent."""
         out = self._output(task_id)
         folder = out.parent if out.is_file() else out
-        path = resolve_client_path(relative, folder, [folder])
+        path = resolve_client_path(relative, folder, [folder], self.settings.private_paths)
         if out.is_file() and path != out:
             raise NotFoundError(f"Task {task_id} has no file '{relative}'.", details={"path": relative})
         if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
             raise NotFoundError(f"Task {task_id} has no file '{relative}'.", details={"path": relative})
         return path
+
+    def open(self, task_id: str, relative: str) -> tuple[BinaryIO, str]:
+        """The file `relative` of the task's output, opened for download, and its name.
+
+        Opened under the output path the task recorded, one folder at a time without following links: an output
+        folder or file swapped for a link since it was written is refused (403), not served.
+        """
+        path = self.path(task_id, relative)
+        out = self._output(task_id)
+        stored = Path(self.store.get(task_id).output_dir or "")
+        folder, stored_folder = (out.parent, stored.parent) if out.is_file() else (out, stored)
+        target = stored_folder / path.relative_to(folder)
+        return open_stored(target, self.settings.roots, f"File '{relative}' of task {task_id}"), path.name

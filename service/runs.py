@@ -43,9 +43,9 @@ from service.jobs import (
     terminate_group,
 )
 from service.tasks import TaskStore, lock_for_write
-from util.errors import AppError, ConflictError, InvalidInputError, NotFoundError
+from util.errors import ConflictError, InvalidInputError, NotFoundError, OverloadedError
 from util.files import check_replaceable, read_json, read_marker, write_marker
-from util.paths import resolve_client_path
+from util.paths import resolve_in_roots
 from util.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,9 @@ RESTART_ERROR = "interrupted by server restart (the run's memory state was lost;
 TERMINAL_JOB = (JobStatus.completed, JobStatus.failed)
 
 
-class TooManyRunsError(AppError):
-    """The configured limit of live runs is reached."""
+class TooManyRunsError(OverloadedError):
+    """The configured limit of live runs is reached (429 with Retry-After)."""
 
-    status_code = 429
     error_type = "too_many_runs"
 
 
@@ -76,20 +75,20 @@ class RunStore:
             yield s
 
     # -- runs -------------------------------------------------------------------------------------------
-    def add_run(self, row: RunRow, max_live: int | None = None) -> RunRow:
+    def add_run(self, row: RunRow, max_live: int | None = None, retry_after: int = 30) -> RunRow:
         """Insert a run; with `max_live`, count the live runs and insert in one write transaction (429 when full)."""
         with self.session() as s:
             if max_live is not None:
                 lock_for_write(s)
-                _check_live(s, max_live)
+                _check_live(s, max_live, retry_after)
             s.add(row)
         return row
 
-    def resume_run(self, run_id: str, max_live: int) -> bool:
+    def resume_run(self, run_id: str, max_live: int, retry_after: int = 30) -> bool:
         """Move a paused run to starting if fewer than `max_live` runs are live (429 otherwise), atomically."""
         with self.session() as s:
             lock_for_write(s)
-            _check_live(s, max_live)
+            _check_live(s, max_live, retry_after)
             stmt = update(RunRow).where(RunRow.id == run_id, RunRow.status == RunStatus.paused)
             return s.execute(stmt.values(status=RunStatus.starting)).rowcount == 1
 
@@ -287,12 +286,13 @@ def _makes_gradients(job: RunJobRow) -> bool:
     return job.kind == "loss_step" and not (job.request or {}).get("forward_only")
 
 
-def _check_live(session: Session, limit: int) -> None:
-    """429 when `limit` runs are already live (call inside a write-locked session)."""
+def _check_live(session: Session, limit: int, retry_after: int) -> None:
+    """429 with Retry-After when `limit` runs are already live (call inside a write-locked session)."""
     query = select(func.count()).select_from(RunRow).where(RunRow.status.in_([str(s) for s in LIVE_RUN_STATUSES]))
     if int(session.scalar(query) or 0) >= limit:
         raise TooManyRunsError(
             f"{limit} runs are already live (runs.max_runs); delete one or wait for an idle one to pause.",
+            retry_after=retry_after,
             details={"max_runs": limit},
         )
 
@@ -334,7 +334,7 @@ class RunService:
         """Share the task store's engine; call start() to recover runs and watch workers."""
         self.settings = settings
         self.store = RunStore(tasks.engine)
-        self.log_dir = settings.data_dir / "logs"
+        self.log_dir = settings.logs_dir
         self.owner = scheduler_owner(settings)  # servers sharing a store each watch only the workers they started
         self._workers: dict[str, RunningJob] = {}
         self._lock = threading.RLock()
@@ -406,7 +406,7 @@ class RunService:
         lora = req.lora.model_dump()
         resume_from = None
         if req.from_state:
-            state = resolve_client_path(req.from_state, self.settings.model_dir, self.settings.roots)
+            state = resolve_in_roots(req.from_state, self.settings.model_dir, self.settings)
             if not state.exists():
                 raise NotFoundError(f"Saved state '{req.from_state}' does not exist.")
             read_state(state)
@@ -441,7 +441,7 @@ class RunService:
             last_used_at=utcnow(),
         )
         # The live-run count and the insert are one write transaction: concurrent creates cannot overshoot.
-        self.store.add_run(run, max_live=self.settings.runs.max_runs)
+        self.store.add_run(run, self.settings.runs.max_runs, self.settings.jobs.retry_after_seconds)
         self._spawn(run.id)
         return self.store.get_run(run.id)
 
@@ -475,7 +475,9 @@ class RunService:
             raise ConflictError(
                 f"Run '{run_id}' failed: {(run.error or '').splitlines()[0]}", details={"run_id": run_id}
             )
-        if run.status == RunStatus.paused and self.store.resume_run(run_id, self.settings.runs.max_runs):
+        if run.status == RunStatus.paused and self.store.resume_run(
+            run_id, self.settings.runs.max_runs, self.settings.jobs.retry_after_seconds
+        ):
             self._spawn(run_id)
         return run
 
@@ -532,7 +534,7 @@ class RunService:
     def load_state(self, run_id: str, req: LoadStateRequest) -> RunJobRow:
         """Queue loading a saved state (same base and LoRA shape) into the run."""
         run = self.store.get_run(run_id)
-        path = resolve_client_path(req.path, self.settings.model_dir, self.settings.roots)
+        path = resolve_in_roots(req.path, self.settings.model_dir, self.settings)
         if not path.exists():
             raise NotFoundError(f"Saved state '{req.path}' does not exist.")
         cfg = read_state(path)

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,11 +24,23 @@ from entity.task import (
     TaskStatus,
     utcnow,
 )
-from service.db import STORE_ERRORS, is_postgres, lock_for_write, make_engine, store_error_text
+from service.db import (
+    STORE_ERRORS,
+    DiskReserve,
+    is_disk_full,
+    is_postgres,
+    lock_for_write,
+    make_engine,
+    sqlite_file,
+    store_error_text,
+)
 from util.errors import AppError, ConflictError, NotFoundError
 
 __all__ = ["QueueFullError", "TaskStore", "lock_for_write", "make_engine"]
 log = logging.getLogger(__name__)
+
+DISK_FULL_ERROR_CHARS = 1000  # a failure recorded on a full disk keeps this much of its error text
+DISK_FULL_MEMORY_SECONDS = 60.0  # /health reports a full disk met by this store for this long
 
 PROGRESS_FIELDS = {
     "progress",
@@ -49,6 +62,20 @@ class QueueFullError(AppError):
     error_type = "queue_full"
 
 
+def nested_output(s: Session, output_dir: str) -> str | None:
+    """The id of a queued, running or paused task whose output holds `output_dir` or lies inside it (not equal)."""
+    wanted = Path(output_dir)
+    statuses = [st.value for st in (*ACTIVE_STATUSES, TaskStatus.paused)]
+    rows = s.execute(
+        select(TaskRow.id, TaskRow.output_dir).where(TaskRow.output_dir.is_not(None), TaskRow.status.in_(statuses))
+    ).all()
+    for task_id, other in rows:
+        other_path = Path(other)
+        if other_path != wanted and (other_path in wanted.parents or wanted in other_path.parents):
+            return task_id
+    return None
+
+
 class TaskStore:
     """CRUD and atomic status transitions for tasks and their events."""
 
@@ -61,6 +88,40 @@ class TaskStore:
         self.engine = make_engine(db)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.best_effort_reports = best_effort_reports
+        self.reserve = DiskReserve(sqlite_file(self.engine))  # spare space for an outcome on a full disk
+        self.stall_seconds: float | None = None  # set by the server (jobs.stall_seconds): rows read are flagged
+        self._disk_full_at = 0.0  # when this store (or its server's scheduler) last met a full disk; 0: never
+
+    def note_disk_full(self) -> None:
+        """Remember that a write met a full disk (/health reports it for DISK_FULL_MEMORY_SECONDS)."""
+        self._disk_full_at = time.monotonic()
+
+    def disk_full_recently(self) -> bool:
+        """Whether a write met a full disk within the last DISK_FULL_MEMORY_SECONDS."""
+        return bool(self._disk_full_at) and time.monotonic() - self._disk_full_at < DISK_FULL_MEMORY_SECONDS
+
+    def _flag_stalled(self, rows: list[TaskRow]) -> list[TaskRow]:
+        """Set `stalled_seconds` of each running row silent for stall_seconds (from its last progress, or start)."""
+        if self.stall_seconds is None:
+            return rows
+        now = utcnow()
+        for row in rows:
+            last = row.progress_at or row.started_at
+            if row.status != TaskStatus.running or last is None:
+                continue
+            idle = (now - last).total_seconds()
+            row.stalled_seconds = round(idle, 1) if idle >= self.stall_seconds else None
+        return rows
+
+    def stalled_count(self) -> int:
+        """Running tasks silent for stall_seconds (0 when the store has no stall_seconds)."""
+        if self.stall_seconds is None:
+            return 0
+        cutoff = utcnow() - timedelta(seconds=self.stall_seconds)
+        last = func.coalesce(TaskRow.progress_at, TaskRow.started_at)
+        query = select(func.count()).select_from(TaskRow).where(TaskRow.status == TaskStatus.running, last < cutoff)
+        with self.session() as s:
+            return int(s.scalar(query) or 0)
 
     @contextmanager
     def _report(self, what: str) -> Iterator[None]:
@@ -113,6 +174,13 @@ class TaskStore:
                         f"Task {busy} is already writing to '{output_dir}'.",
                         details={"output_dir": output_dir, "task_id": busy},
                     )
+                nested = nested_output(s, output_dir)
+                if nested is not None:
+                    raise ConflictError(
+                        f"Task {nested} writes to a folder that holds or lies inside '{Path(output_dir).name}'; "
+                        "outputs may not be nested (deleting one would delete the other).",
+                        details={"output_dir": Path(output_dir).name, "task_id": nested},
+                    )
             if max_queued is not None:
                 queued = s.scalar(select(func.count()).select_from(TaskRow).where(TaskRow.status == TaskStatus.queued))
                 if (queued or 0) >= max_queued:
@@ -131,7 +199,7 @@ class TaskStore:
             row = s.get(TaskRow, task_id)
         if row is None:
             raise NotFoundError(f"Task '{task_id}' does not exist.", details={"task_id": task_id})
-        return row
+        return self._flag_stalled([row])[0]
 
     def get_of_kind(self, task_id: str, kind: str) -> TaskRow:
         """Return a task of one kind; a task of another kind is NotFoundError, as under that kind's routes."""
@@ -175,7 +243,7 @@ class TaskStore:
         with self.session() as s:
             rows = list(s.scalars(query))
             total = s.scalar(count) or 0
-        return rows, total
+        return self._flag_stalled(rows), total
 
     def active_with_output(self, output_dir: str) -> list[TaskRow]:
         """Queued or running tasks that write to `output_dir`."""
@@ -235,7 +303,39 @@ class TaskStore:
         message: str | None = None,
         **fields: Any,
     ) -> bool:
-        """Transition like `transition` and, if the task moved, record a status event in the same transaction."""
+        """Transition like `transition` and, if the task moved, record a status event in the same transaction.
+
+        On a full disk (not an outage: waiting would not help) it gives up the store's reserve (space for a few
+        pages) and writes again with the error text shortened; failing still, it writes the status alone (no event,
+        no metrics), and then raises the disk-full error.
+        """
+        try:
+            return self._move(task_id, to, allowed_from, message, fields)
+        except STORE_ERRORS as exc:
+            if not is_disk_full(exc):
+                raise
+            self.note_disk_full()
+            log.warning("disk full while recording task %s as %s (%s)", task_id, to.value, store_error_text(exc))
+        self.reserve.release()
+        if fields.get("error"):
+            fields["error"] = str(fields["error"])[:DISK_FULL_ERROR_CHARS]
+        try:
+            return self._move(task_id, to, allowed_from, message, fields)
+        except STORE_ERRORS as exc:
+            if not is_disk_full(exc):
+                raise
+        bare = {k: v for k, v in fields.items() if k != "metrics"}
+        return self.transition(task_id, to, allowed_from, **bare)
+
+    def _move(
+        self,
+        task_id: str,
+        to: TaskStatus,
+        allowed_from: tuple[TaskStatus, ...],
+        message: str | None,
+        fields: dict[str, Any],
+    ) -> bool:
+        """The transition and its status event, in one transaction."""
         data: dict[str, Any] = {"status": to.value}
         if fields.get("metrics"):
             data["metrics"] = fields["metrics"]
@@ -279,9 +379,10 @@ class TaskStore:
             s.execute(
                 update(TaskRow)
                 .where(TaskRow.id == task.id)
-                .values(status=TaskStatus.running, owner=owner, started_at=now, cancel_requested=False)
+                .values(status=TaskStatus.running, owner=owner, started_at=now, progress_at=now, cancel_requested=False)
             )
         task.status, task.owner, task.started_at = TaskStatus.running, owner, now  # detached: a copy for the caller
+        task.progress_at = now  # a resumed task's silence counts from this claim, not from its earlier run
         return task
 
     def register_scheduler(
@@ -360,7 +461,7 @@ class TaskStore:
         if unknown:
             raise ValueError(f"Not progress fields: {sorted(unknown)}")
         with self._report("progress"), self.session() as s:
-            s.execute(update(TaskRow).where(TaskRow.id == task_id).values(**fields))
+            s.execute(update(TaskRow).where(TaskRow.id == task_id).values(**fields, progress_at=utcnow()))
 
     def add_event(
         self,
@@ -370,11 +471,15 @@ class TaskStore:
         data: dict[str, Any] | None = None,
         level: str = "info",
     ) -> int:
-        """Append an event to a task and return its id (0 when a best-effort report was dropped)."""
+        """Append an event to a task and return its id (0 when a best-effort report was dropped).
+
+        An event is progress too: the task's progress_at moves with it (in the same transaction).
+        """
         row = EventRow(task_id=task_id, type=type_, message=message, data=data, level=level, created_at=utcnow())
         with self._report("event"), self.session() as s:
             s.add(row)
             s.flush()
+            s.execute(update(TaskRow).where(TaskRow.id == task_id).values(progress_at=row.created_at))
             return row.id
         return 0
 

@@ -8,10 +8,11 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 from entity.task import TaskKind, TaskStatus
-from service.db import retry_store
+from service.db import STORE_ERRORS, is_disk_full, retry_store, store_error_text
 from service.tasks import TaskStore
 from service.train import pause
 from util.settings import Settings
@@ -21,6 +22,9 @@ SETTINGS_ENV = "WT_SETTINGS_JSON"  # how service.jobs.spawn_worker hands the set
 DIE_WITH_PARENT_ENV = "WT_DIE_WITH_PARENT"  # set: the worker gets SIGKILL when its parent dies (Ray actors)
 PR_SET_PDEATHSIG = 1
 OUTCOME_RETRY_SECONDS = 600.0  # how long a finished worker waits for the database to take its outcome
+# The exit status of a worker that could not record its outcome because the disk is full (ENOSPC's number): the
+# server then records the failure itself (service.jobs.describe_exit), once the store can take it.
+DISK_FULL_EXIT = 28
 
 Handler = Callable[[Settings, TaskStore, str, dict[str, Any]], dict[str, Any]]
 
@@ -95,7 +99,24 @@ def run_task(settings: Settings, task_id: str) -> int:
     """Execute one claimed task and record its outcome; return the process exit code.
 
     Under torchrun every rank runs this: any rank records a failure (the first one wins), rank 0 the success.
+    A database outage is waited out (up to OUTCOME_RETRY_SECONDS); a full disk is not an outage: when even the
+    store's reserve cannot take the outcome, the worker exits at once with DISK_FULL_EXIT.
     """
+    try:
+        return _run_task(settings, task_id)
+    except STORE_ERRORS as exc:
+        if not is_disk_full(exc):
+            raise
+        with suppress(OSError):  # the log file may be on the full disk too
+            print(
+                f"could not record the outcome of task {task_id}: disk full ({store_error_text(exc)})",
+                file=sys.stderr,
+            )
+        return DISK_FULL_EXIT
+
+
+def _run_task(settings: Settings, task_id: str) -> int:
+    """run_task's body."""
     rank = int(os.environ.get("RANK", "0"))
     store = TaskStore(settings.database_url, best_effort_reports=True)  # an outage drops progress, not the task
     task = store.get(task_id)
@@ -117,6 +138,8 @@ def run_task(settings: Settings, task_id: str) -> int:
         return 143
     except BaseException as exc:  # noqa: BLE001 - every failure must land in the store
         where = f"rank {rank}: " if "RANK" in os.environ else ""
+        if is_disk_full(exc):
+            where += "disk full: "
         error = where + format_error(exc)
         record(TaskStatus.failed, f"failed: {where}{type(exc).__name__}: {exc}", error=error)
         return 1

@@ -157,7 +157,7 @@ def test_process_splits_normalises_and_drops(client, settings):
     assert counts == {"train": 13, "val": 4, "test": 4}
     lines = []
     for split in body["splits"].values():
-        lines += [json.loads(x) for x in open(split["path"], encoding="utf-8")]
+        lines += [json.loads(x) for x in open(settings.data_dir / split["path"], encoding="utf-8")]
     assert len(lines) == 21
     assert all(set(x) == {"messages"} for x in lines)
     assert {"role": "user", "content": "Name a color."} in [m for x in lines for m in x["messages"]]
@@ -170,7 +170,7 @@ def test_process_is_deterministic_per_seed(client, settings):
     c = _process(client, "c", seed=8).json()
 
     def read(body):
-        return {k: open(v["path"], encoding="utf-8").read() for k, v in body["splits"].items()}
+        return {k: open(settings.data_dir / v["path"], encoding="utf-8").read() for k, v in body["splits"].items()}
 
     assert read(a) == read(b)
     assert read(a)["train"] != read(c)["train"]
@@ -215,8 +215,8 @@ def test_upload_stores_file_and_refuses_overwrite(client, settings):
     r = client.post("/api/data/upload", files={"file": ("../../sneaky.json", content, "application/json")})
     assert r.status_code == 201, r.text
     stored = r.json()["file_path"]
-    assert stored == str(settings.data_dir / "uploads" / "sneaky.json")
-    assert open(stored, "rb").read() == content
+    assert stored == "uploads/sneaky.json"  # relative to the data dir, never the server's absolute path
+    assert (settings.data_dir / stored).read_bytes() == content
     assert client.post("/api/data/upload", files={"file": ("sneaky.json", b"[]")}).status_code == 409
     r = client.post("/api/data/upload", files={"file": ("sneaky.json", b"[]")}, data={"overwrite": "true"})
     assert r.status_code == 201
@@ -236,7 +236,7 @@ def test_upload_over_the_size_limit_is_refused_and_leaves_nothing(client, settin
         update={"data": settings.data.model_copy(update={"max_upload_mb": 1})}
     )
     r = client.post("/api/data/upload", files={"file": ("big.jsonl", b"x" * (1024 * 1024 + 1))})
-    assert r.status_code == 422
+    assert r.status_code == 413
     assert "1 MB limit" in r.json()["error"]["message"]
     assert list((settings.data_dir / "uploads").iterdir()) == []
 

@@ -31,7 +31,7 @@ def test_process_merges_input_files_in_order_and_deduplicates_across_them(client
     assert r.status_code == 200, r.text
     out = r.json()
     assert (out["total"], out["kept"], out["duplicates_dropped"], out["invalid_dropped"]) == (11, 8, 2, 1)
-    assert out["input_files"] == [str(settings.data_dir / "one.jsonl"), str(settings.data_dir / "two.jsonl")]
+    assert out["input_files"] == ["one.jsonl", "two.jsonl"]  # relative to the data dir, as they were sent
     lines = [json.loads(x) for x in (settings.data_dir / "merged" / "train.jsonl").read_text().splitlines()]
     firsts = [x["messages"][0]["content"] for x in lines]
     assert firsts == [f"question {i}" for i in range(6)] + ["Hi", "question 6"]  # merge order, shuffle off

@@ -3,7 +3,6 @@
 import io
 import json
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -50,7 +49,7 @@ def test_onnx_full_model_is_verified_and_self_contained(client, settings):
     r = _export(client, "onnx", output_path="exports/tiny-onnx", opset_version=18)
     metrics = _succeeded(r)
     out = settings.model_dir / "exports" / "tiny-onnx"
-    assert r.json()["output_path"] == str(out)
+    assert r.json()["output_path"] == "exports/tiny-onnx"  # relative to its root, the model dir
     for name in ("model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "export_report.json"):
         assert (out / name).is_file(), name
     check = metrics["verification"]
@@ -152,7 +151,7 @@ def test_archive_downloads_extracts_and_loads_with_peft(client, settings, adapte
     original = PeftModel.from_pretrained(base2, adapter_dir).eval()
     assert np.array_equal(_logits(extracted, ids, mask), _logits(original, ids, mask))
 
-    Path(final["output_dir"]).unlink()  # deleted on the server afterwards: a 404 that names the file, not the folder
+    (settings.model_dir / final["output_dir"]).unlink()  # deleted on the server: a 404 naming the file, not the folder
     gone = client.get(f"/api/export/download/{export_id}")
     assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found"
     assert f"{export_id}.tar.gz" in gone.text and str(settings.model_dir) not in gone.text

@@ -325,7 +325,7 @@ def test_failed_job_carries_its_error(client):
 
 
 def test_upload_limit_holds_for_eight_at_once(tmp_path, tiny_model_root):
-    """Eight concurrent uploads over data.max_upload_mb: each gets 400 and nothing is stored."""
+    """Eight concurrent uploads over data.max_upload_mb: each gets 413 and nothing is stored."""
     settings = make_settings(tmp_path, tiny_model_root)
     settings = settings.model_copy(update={"data": settings.data.model_copy(update={"max_upload_mb": 1})})
     big = jsonl(CHAT_RECORDS * 200)
@@ -337,7 +337,8 @@ def test_upload_limit_holds_for_eight_at_once(tmp_path, tiny_model_root):
 
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(post, range(8)))
-        assert [a.status_code for a in answers] == [400] * 8
-        assert all("1 MB upload limit" in a.json()["error"]["message"] for a in answers)
+        assert [a.status_code for a in answers] == [413] * 8
+        assert all("1 MB limit (data.max_upload_mb)" in a.json()["error"]["message"] for a in answers)
+        assert all(a.json()["error"]["param"] == "file" for a in answers)
         assert client.get("/v1/files").json()["data"] == []
     assert not any((settings.data_dir / "files").iterdir())

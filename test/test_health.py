@@ -58,7 +58,8 @@ def test_default_config_file_matches_defaults():
     s = load_settings(PROJECT_ROOT / "config.yaml")
     assert (s.server.host, s.server.port) == ("127.0.0.1", 8801)
     assert s.base_model_path() == PROJECT_ROOT / "model" / "base" / "SmolLM2-135M-Instruct"
-    assert s.paths.db_path == PROJECT_ROOT / "data" / "tasks.db"
+    assert s.paths.db_path == PROJECT_ROOT / "state" / "tasks.db"
+    assert not any(s.paths.db_path.is_relative_to(root) for root in s.roots)  # clients never reach the store
 
 
 def test_cli_flags():

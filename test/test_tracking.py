@@ -48,7 +48,7 @@ def test_tensorboard_and_mlflow_read_back_the_metrics(client, settings, monkeypa
     task = wait_for(client, tracked, {"succeeded", "failed", "cancelled"})
     assert task["status"] == "succeeded", task["error"]
     assert task["request"]["resolved"]["report_to"] == ["tensorboard", "mlflow"]
-    out = Path(task["output_dir"])
+    out = settings.model_dir / task["output_dir"]
     expected = _logged_losses(out)
     assert [step for step, _ in expected] == [1, 2, 3]
 

@@ -56,7 +56,7 @@ def test_pipeline_trains_and_saves_loadable_output(client, settings, strategy):
     assert task["started_at"] and task["finished_at"]
 
     out = settings.model_dir / "outputs" / f"{strategy}-run"
-    assert task["output_dir"] == str(out)
+    assert (task["output_dir"], task["output_root"]) == (f"outputs/{strategy}-run", "model")
     for name in ("training_args.json", "trainer_log.jsonl", "tokenizer_config.json", "checkpoint-3", "checkpoint-6"):
         assert (out / name).exists(), name
     log_lines = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]

@@ -68,7 +68,9 @@ config:
     assert before["min"] == after["min"] and after["mean"] < before["mean"]
     assert set(before) == {"min", "mean", "median", "p95", "max"}
     out = settings.model_dir / "outputs" / "yaml-run"
-    assert json.loads((out / "training_args.json").read_text())["data_stats"] == stats
+    written = json.loads((out / "training_args.json").read_text())["data_stats"]
+    assert stats["files"] == ["a.jsonl", "b.jsonl"]  # the API shows them relative to the data dir
+    assert {**written, "files": stats["files"]} == stats
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"q_proj", "v_proj"}
     data_events = [e for e in client.get(f"/api/train/logs/{task['id']}").json()["items"] if e["type"] == "data"]

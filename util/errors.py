@@ -107,3 +107,15 @@ class InvalidOutputError(AppError):
 
     status_code = 422
     error_type = "invalid_output"
+
+
+class PayloadTooLargeError(AppError):
+    """A request body, upload or decompressed body over its configured size limit."""
+
+    status_code = 413
+    error_type = "payload_too_large"
+
+    def __init__(self, message: str, param: str | None = None, details: Any = None) -> None:
+        """Store the message and, under /v1, the parameter at fault (OpenAI's `param`)."""
+        super().__init__(message, details)
+        self.param = param

@@ -1,12 +1,15 @@
 """Settings: config.yaml, overridden by WT_* environment variables, overridden by CLI flags."""
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "config.yaml"
@@ -14,11 +17,16 @@ VERSION = "0.1.0"
 
 
 class ServerSettings(BaseModel):
-    """Where the HTTP server listens and how loudly it logs."""
+    """Where the HTTP server listens, how loudly it logs, and the bounds every request body is held to."""
 
     host: str = "127.0.0.1"
     port: int = Field(8801, ge=1, le=65535)
     log_level: str = "info"
+    # Largest request body of any route (also a zstd body once decompressed); uploads have data.max_upload_mb.
+    max_body_mb: int = Field(64, ge=1)
+    # Deepest [ / { nesting a JSON (or YAML flow) body may have; deeper is a 422 before any parser runs. Kept well
+    # below Python's recursion limit, which the JSON parser and validation would otherwise run into.
+    max_json_depth: int = Field(64, ge=2, le=500)
 
 
 class PathSettings(BaseModel):
@@ -26,7 +34,7 @@ class PathSettings(BaseModel):
 
     data_dir: Path = Path("data")
     model_dir: Path = Path("model")
-    db_path: Path = Path("data/tasks.db")
+    db_path: Path = Path("state/tasks.db")  # outside data_dir: clients read there, and the DB is the server's alone
     allowed_roots: list[Path] = Field(default_factory=list)
 
 
@@ -57,6 +65,7 @@ class JobSettings(BaseModel):
     ray_address: str | None = None
     ray_num_cpus: float = Field(1.0, gt=0)
     scheduler_id: str | None = Field(None, min_length=1, max_length=128)  # owner of claimed tasks; None: host name
+    stall_seconds: float | None = Field(600.0, gt=0)  # a running task silent this long is reported stalled
 
 
 Tracker = Literal["none", "tensorboard", "mlflow", "wandb"]
@@ -169,6 +178,29 @@ class Settings(BaseSettings):
         """SQLAlchemy URL of the task store: database.url, else the SQLite file at paths.db_path."""
         return self.database.url or f"sqlite:///{self.paths.db_path}"
 
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The task store's SQLite file, wherever the URL points; None for PostgreSQL or an in-memory store."""
+        url = make_url(self.database_url)
+        if not url.drivername.startswith("sqlite") or not url.database or url.database == ":memory:":
+            return None
+        return Path(url.database)
+
+    @property
+    def logs_dir(self) -> Path:
+        """Where task and run workers write their log files."""
+        return self.paths.data_dir / "logs"
+
+    @property
+    def private_paths(self) -> list[Path]:
+        """Server-owned files and folders no client path may name: the SQLite store, its side files, task logs."""
+        private = [self.logs_dir]
+        db = self.sqlite_path
+        if db is not None:
+            sides = ("-wal", "-shm", "-journal", ".migrate.lock", "-reserve")  # -reserve: service/db.py DiskReserve
+            private += [db, *(db.with_name(db.name + side) for side in sides)]
+        return private
+
     def base_model_path(self) -> Path:
         """Resolve the configured base model to a directory."""
         name = self.models.base_model
@@ -192,6 +224,24 @@ class Settings(BaseSettings):
             }
         )
         return self.model_copy(update={"paths": paths})
+
+
+SECRET_ENV = ("API_KEYS",)  # exact names; every WT_AUTH__* variable is secret too
+
+
+def is_secret_env(name: str) -> bool:
+    """Whether an environment variable carries API keys (no process the server starts may inherit it)."""
+    return name.upper() in SECRET_ENV or name.upper().startswith("WT_AUTH__")
+
+
+@contextmanager
+def secrets_hidden() -> Iterator[None]:
+    """Within this block the process environment holds no API keys: for starting a process that inherits it."""
+    hidden = {name: os.environ.pop(name) for name in list(os.environ) if is_secret_env(name)}
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
 
 
 def load_settings(config_path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:

@@ -12,9 +12,10 @@ from sqlalchemy.exc import IntegrityError
 
 from entity.fine_tuning import FileRow
 from entity.task import ACTIVE_STATUSES, TaskKind, TaskRow, TaskStatus
-from service.data import DataService
+from service.data import MAX_NAME_BYTES, DataService, UploadWriter
 from service.tasks import TaskStore
 from util.errors import BadRequestError, ConflictError, NotFoundError
+from util.files import open_stored, write_text
 from util.settings import Settings
 
 FILES_DIR = "files"
@@ -36,6 +37,15 @@ def to_file_object(row: FileRow) -> FileObject:
     )
 
 
+def check_purpose(purpose: str) -> None:
+    """400 for a purpose other than fine-tune."""
+    if purpose not in PURPOSES:
+        raise BadRequestError(
+            f"purpose '{purpose}' is not supported here; upload training data with purpose 'fine-tune'.",
+            param="purpose",
+        )
+
+
 class FileService:
     """Stores uploads for fine-tuning, refusing malformed ones with the line and the reason."""
 
@@ -47,23 +57,33 @@ class FileService:
         self.dir = settings.data_dir / FILES_DIR
         FileRow.__table__.create(store.engine, checkfirst=True)
 
-    def create(self, filename: str, purpose: str, stream: BinaryIO) -> FileObject:
-        """Store an upload, validate every record, and keep it only if all are valid."""
-        if purpose not in PURPOSES:
-            raise BadRequestError(
-                f"purpose '{purpose}' is not supported here; upload training data with purpose 'fine-tune'.",
-                param="purpose",
-            )
+    def begin(self, filename: str, purpose: str | None = None) -> UploadWriter:
+        """Check the upload's name (and its purpose, when already known), then open its temporary file."""
+        if purpose is not None:
+            check_purpose(purpose)
         name = Path(filename or "").name or "upload.jsonl"
-        file_id = f"file-{uuid.uuid4().hex}"
+        size = len(name.encode("utf-8", "surrogateescape"))
+        if size > MAX_NAME_BYTES:
+            raise BadRequestError(
+                f"The file name is {size} bytes long (UTF-8); at most {MAX_NAME_BYTES} are accepted.", param="file"
+            )
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"{file_id}.jsonl"
+        return UploadWriter(self.dir / f"file-{uuid.uuid4().hex}.jsonl", self.settings.data.max_upload_mb)
+
+    def finish(self, upload: UploadWriter, filename: str, purpose: str) -> FileObject:
+        """Validate every record of a fully received upload, and keep it only if all are valid."""
+        path = upload.target
         try:
-            size = self._save(stream, path)
+            check_purpose(purpose)
+            upload.close()
+            upload.tmp.replace(path)
             report = self.data.validate(str(path))
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+        finally:
+            upload.discard()
+        name = Path(filename or "").name or "upload.jsonl"
         if not report.valid:
             path.unlink(missing_ok=True)
             if report.total == 0:
@@ -77,10 +97,10 @@ class FileService:
                 details={"errors": [e.model_dump() for e in report.errors]},
             )
         row = FileRow(
-            id=file_id,
+            id=path.stem,
             filename=name,
             purpose=purpose,
-            bytes=size,
+            bytes=upload.size,
             created_at=int(time.time()),
             path=str(path),
             kind=report.kind,
@@ -89,20 +109,6 @@ class FileService:
         with self.store.session() as s:
             s.add(row)
         return to_file_object(row)
-
-    def _save(self, stream: BinaryIO, path: Path) -> int:
-        """Copy an upload to `path`, refusing one over the upload limit."""
-        limit = self.settings.data.max_upload_mb * 1024 * 1024
-        size = 0
-        with path.open("wb") as out:
-            while chunk := stream.read(1024 * 1024):
-                size += len(chunk)
-                if size > limit:
-                    raise BadRequestError(
-                        f"The file exceeds the {self.settings.data.max_upload_mb} MB upload limit.", param="file"
-                    )
-                out.write(chunk)
-        return size
 
     def row(self, file_id: str) -> FileRow:
         """A stored file or NotFoundError."""
@@ -115,6 +121,12 @@ class FileService:
     def get(self, file_id: str) -> FileObject:
         """One file's FileObject."""
         return to_file_object(self.row(file_id))
+
+    def open_content(self, file_id: str) -> tuple[BinaryIO, str]:
+        """A file's bytes opened for reading (never through a link swapped in for the stored file), and its name."""
+        row = self.row(file_id)
+        name = f"The content of file '{file_id}'"
+        return open_stored(Path(row.path), [self.settings.data_dir], name), row.filename
 
     def content_path(self, file_id: str) -> tuple[Path, str]:
         """Where a file's bytes are, and its name."""
@@ -187,9 +199,7 @@ class FileService:
             lines.append(",".join("" if record.get(c) is None else str(record[c]) for c in columns + extra))
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{file_id}.csv"
-        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_text(path, "\n".join(lines) + "\n")  # a temporary file created exclusively, then os.replace
         row = FileRow(
             id=file_id,
             filename="step_metrics.csv",

@@ -11,7 +11,6 @@ Every job trains a LoRA adapter (r=16, alpha=32, all linear layers) and saves a 
 import math
 import os
 import random
-import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from service.train import tracking
 from service.train.pause import PAUSE_SIGNAL
 from service.train.service import TrainService
 from util.errors import BadRequestError, ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
+from util.files import remove_output
 
 JOB_PREFIX = "ftjob-"
 EVENT_PREFIX = "ftevent-"
@@ -426,7 +426,8 @@ class FineTuningService:
                 raise PermissionDeniedError(f"'{name}' is a base model; only fine-tuned models can be deleted.")
             raise NotFoundError(f"Model '{name}' was not found.", details={"model": name})
         path = models.resolve_model_ref(name, self.settings, self.store)  # 404/409 unless it is a ready model
-        shutil.rmtree(path, ignore_errors=True)
+        # Only the task's own marked folder, never through a link, never one holding another output (409 then).
+        remove_output(path, TaskKind.train, task_id, name)
         self.store.add_event(task_id, "log", f"model deleted: {name}")
         return ModelDeleted(id=name, deleted=True, object="model")
 

@@ -86,6 +86,13 @@ def build_dataset(
     if not rows:
         why = f"all {stats.skipped} valid records are longer than max_length {max_length}" if stats.skipped else ""
         raise ValueError(f"{', '.join(stats.files)}: no usable training records. {why}".strip())
+    if assistant_only_loss and not any(1 in row["assistant_masks"] for row in rows):
+        # TRL would leave out every record (nothing to learn in it) and fail later with an empty sampler.
+        raise ValueError(
+            f"{', '.join(stats.files)}: no usable training records: cut to max_length {max_length}, no record keeps "
+            "an assistant token (the part before each first answer is longer). Raise max_length, or train on every "
+            "token (assistant_only_loss: false)."
+        )
     if not assistant_only_loss:
         rows = [{"input_ids": r["input_ids"]} for r in rows]
     return Dataset.from_list(rows), stats

@@ -21,7 +21,7 @@ from service.train.fused_lora import fuse_lora_layers
 from service.train.model_card import model_card
 from service.train.norms import use_native_rms_norm
 from service.train.strategies import STRATEGIES
-from util.files import check_replaceable, read_marker, write_marker
+from util.files import claim_fresh, read_marker, release, write_text
 from util.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -204,20 +204,19 @@ def build_trainer(
     stage: Stage | None = None,
     model_path: Path | None = None,
     callbacks: list[Any] | None = None,
+    claimed: bool = False,
 ) -> BuiltTrainer:
     """The trainer of a train task or one of its stages (no store: no progress reporting, as in benches).
 
     `model_path` overrides the request's model (a later stage starts from the previous stage's saved weights).
+    `claimed`: run_training has claimed the output folder already (else the first stage claims it).
     """
     req = TrainRequest.model_validate(request["train"])
     resolved = request["resolved"]
     stage = stage or plan_stages(req, resolved)[0]
     cfg, output_dir = stage.cfg, stage.output_dir
-    if stage.index == 0:
-        if int(os.environ.get("RANK", "0")) == 0:
-            claim_output_dir(Path(resolved["output_dir"]), task_id)
-        else:  # under torchrun the other ranks write into the folder only once rank 0 has claimed it
-            wait_for_claim(Path(resolved["output_dir"]), task_id)
+    if stage.index == 0 and not claimed:
+        claim_or_wait(Path(resolved["output_dir"]), task_id, store)
     output_dir.mkdir(parents=True, exist_ok=True)
     # The files may have changed since the request was checked: check the sources again.
     model_path = models.check_model_sources(model_path or Path(resolved["model_path"]), settings)
@@ -314,17 +313,54 @@ def _record_budget(
         store.update_progress(task_id, metrics={"data_stats": stats.as_dict(), "token_budget": budget})
 
 
-def claim_output_dir(output_dir: Path, task_id: str) -> None:
-    """Create the output folder and mark it as a train output; refuse a folder holding anything else."""
-    check_replaceable(output_dir, "train")  # checked at request time too; the folder may have changed since
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_marker(output_dir, "train", task_id)
+def run_attempt(store: TaskStore | None, task_id: str) -> str | None:
+    """What every rank of this start of the task shares, on every node, and no earlier start did: its start time.
+
+    None without a store (benches) or when the store cannot say (an outage): then the task id alone is checked.
+    """
+    if store is None:
+        return None
+    try:
+        started = store.get(task_id).started_at
+    except Exception:  # noqa: BLE001 - an outage or a missing row: fall back to the task id alone
+        return None
+    return started.isoformat() if started else None
 
 
-def wait_for_claim(output_dir: Path, task_id: str, timeout: float = CLAIM_WAIT_SECONDS) -> None:
-    """Wait until rank 0 has marked the output folder as this task's (a rank that wrote first would look foreign)."""
+def claim_output_dir(output_dir: Path, task_id: str, store: TaskStore | None = None) -> None:
+    """Make the output folder a fresh one marked as this task's train output, keeping its earlier content.
+
+    The trainer opens its files by name: links planted in an earlier output would take its writes outside. The
+    folder is rebuilt by claim_fresh (links dropped, mode 0700 until release() at the end), and refused when it
+    holds anything but a train output (checked at request time too; the folder may have changed since).
+    """
+    dropped = claim_fresh(output_dir, "train", task_id, attempt=run_attempt(store, task_id))
+    if dropped:
+        shown = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+        _event(store, task_id, f"the output folder held links or shared files, dropped or copied: {shown}")
+
+
+def claim_or_wait(output_dir: Path, task_id: str, store: TaskStore | None) -> None:
+    """Rank 0 claims the output folder; under torchrun the other ranks write into it only once rank 0 has."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        claim_output_dir(output_dir, task_id, store)
+    else:
+        wait_for_claim(output_dir, task_id, store=store)
+
+
+def wait_for_claim(
+    output_dir: Path, task_id: str, timeout: float = CLAIM_WAIT_SECONDS, store: TaskStore | None = None
+) -> None:
+    """Wait until rank 0 has claimed the output folder for this start of the task (see run_attempt).
+
+    A marker an earlier start of the same task left is not the claim: rank 0 is about to replace the folder.
+    """
     deadline = time.monotonic() + timeout
-    while (read_marker(output_dir) or {}).get("task_id") != task_id:
+    attempt = run_attempt(store, task_id)
+    while True:
+        marker = read_marker(output_dir) or {}
+        if marker.get("task_id") == task_id and (attempt is None or marker.get("attempt") in (attempt, None)):
+            return
         if time.monotonic() > deadline:
             raise RuntimeError(f"rank 0 did not claim the output folder within {timeout:.0f} s")
         time.sleep(0.2)
@@ -365,10 +401,24 @@ def resume_point(stages: list[Stage], resolved: dict[str, Any]) -> tuple[int, st
 
 
 def run_training(settings: Settings, store: TaskStore, task_id: str, request: dict[str, Any]) -> dict[str, Any]:
-    """Train as the request says (stage by stage), save the result to output_dir, and return the final metrics."""
+    """Train as the request says (stage by stage), save the result to output_dir, and return the final metrics.
+
+    The output folder stays private (0700) while the task writes it, and gets its plain mode back when it ends,
+    however it ends (see claim_output_dir).
+    """
+    try:
+        return _run_stages(settings, store, task_id, request)
+    finally:
+        if int(os.environ.get("RANK", "0")) == 0:
+            release(Path(request["resolved"]["output_dir"]), "train", task_id)
+
+
+def _run_stages(settings: Settings, store: TaskStore, task_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    """The body of run_training."""
     req = TrainRequest.model_validate(request["train"])
     resolved = request["resolved"]
     output_dir = Path(resolved["output_dir"])
+    claim_or_wait(output_dir, task_id, store)  # before anything in it is read: a resume reads its checkpoints
     stages = plan_stages(req, resolved)
     start, checkpoint = resume_point(stages, resolved)
     if checkpoint:
@@ -397,7 +447,7 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
             callbacks.append(LoadOptimizerState(previous))
         if len(stages) > 1:
             _event(store, task_id, f"stage {stage.index + 1}/{len(stages)} '{stage.name}' from {model_path.name}")
-        built = build_trainer(settings, store, task_id, request, stage, model_path, callbacks)
+        built = build_trainer(settings, store, task_id, request, stage, model_path, callbacks, claimed=True)
         report = _train_stage(built, resume_here, stage, stages, store, task_id)
         if report.get("paused"):
             return report
@@ -411,7 +461,8 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
         final.trainer.save_model(str(output_dir))
     final.tokenizer.save_pretrained(str(output_dir))
     data_stats = stage_reports[0]["data_stats"]
-    (output_dir / "training_args.json").write_text(
+    write_text(
+        output_dir / "training_args.json",
         json.dumps(
             {
                 "strategy": req.strategy,
@@ -429,7 +480,6 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
             indent=2,
             default=str,
         ),
-        encoding="utf-8",
     )
     metrics = dict(report["metrics"])
     metrics["global_step"] = offset
@@ -443,7 +493,7 @@ def run_training(settings: Settings, store: TaskStore, task_id: str, request: di
     train_records = int(data_stats["processed"]) if data_stats else 0
     card_req = req.model_copy(update={"config": final.cfg or req.config})  # the batch and accumulation that ran
     card = model_card(card_req, Path(resolved["model_path"]), is_adapter, train_records, eval_records, metrics, task_id)
-    (output_dir / "README.md").write_text(card, encoding="utf-8")  # replaces TRL's card, which links a hub "None"
+    write_text(output_dir / "README.md", card)  # replaces TRL's card, which links a hub "None"
     store.add_event(task_id, "log", f"saved {'adapter' if is_adapter else 'model'} to {output_dir}")
     log.info("task %s done in pid %s", task_id, os.getpid())
     return metrics
@@ -500,7 +550,7 @@ def _train_stage(
             import torch
 
             torch.save(trainer.optimizer.state_dict(), stage.output_dir / STAGE_OPTIMIZER)
-        (stage.output_dir / STAGE_DONE).write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+        write_text(stage.output_dir / STAGE_DONE, json.dumps(report, indent=2, default=str))
     if len(stages) > 1:
         _event(store, task_id, f"stage '{stage.name}' done at step {trainer.state.global_step}", report, "stage")
     return report
