@@ -21,7 +21,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from util.errors import InvalidInputError
-from util.settings import PROJECT_ROOT
+from util.settings import PROJECT_ROOT, SQLITE_SIDE_FILES, sqlite_file_of
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +94,12 @@ def retry_store(call: Callable[[], T], seconds: float, what: str, wait_for_space
 
 
 RESERVE_BYTES = 1 << 20  # the spare file kept beside a SQLite store, given up when the disk is full
-RESERVE_SUFFIX = "-reserve"
+RESERVE_SUFFIX = SQLITE_SIDE_FILES[-1]  # "-reserve": a client path never names it (Settings.private_paths)
 
 
 def sqlite_file(bind: Engine | str | Path) -> Path | None:
     """The SQLite file of an engine or URL; None for PostgreSQL or an in-memory database."""
-    url = bind.url if isinstance(bind, Engine) else make_url(database_url(bind))
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return None
-    return Path(url.database)
+    return sqlite_file_of(bind.url if isinstance(bind, Engine) else database_url(bind))
 
 
 class DiskReserve:
@@ -384,7 +381,7 @@ def relocate_legacy_store(db_path: Path, data_dir: Path) -> Path:
         finally:
             source.close()
         os.replace(staging, db_path)
-        for suffix in ("", "-wal", "-shm", "-journal", ".migrate.lock", RESERVE_SUFFIX):
+        for suffix in ("", *SQLITE_SIDE_FILES):
             legacy.with_name(legacy.name + suffix).unlink(missing_ok=True)
         log.warning("moved the task database out of the data dir to paths.db_path (clients can no longer reach it)")
         return db_path

@@ -83,6 +83,21 @@ def running_task(store: TaskStore, request: dict | None = None) -> TaskRow:
 # -- disk full ---------------------------------------------------------------------------------------------------
 
 
+def train_until_first_step(client: TestClient, settings: Settings, output_dir: str, max_steps: int) -> tuple[str, dict]:
+    """Start a LoRA task on the sample data and wait until it has made a step; return its id and status."""
+    (settings.data_dir / "train.json").write_bytes(SAMPLE.read_bytes())
+    config = {"max_steps": max_steps, "save_steps": 100_000, "per_device_train_batch_size": 2}
+    body = {"strategy": "lora", "dataset_path": "train.json", "output_dir": output_dir, "config": config}
+    r = client.post("/api/train/start", json=body)
+    assert r.status_code == 202, r.text
+    task_id = r.json()["task_id"]
+    deadline = time.monotonic() + 120
+    while (task := client.get(f"/api/train/status/{task_id}").json())["current_step"] < 1:
+        assert time.monotonic() < deadline, f"training never made a step: {task}"
+        time.sleep(0.1)
+    return task_id, task
+
+
 def test_disk_full_errors_are_told_apart_from_outages():
     import sqlite3
 
@@ -179,16 +194,7 @@ def test_a_training_whose_disk_fills_up_fails_at_once_and_health_says_so(tiny_di
         health = client.get("/health").json()
         assert (health["status"], health["disk"]) == ("ok", "ok"), health
         assert set(health["disk_free_mb"]) == {"data", "models", "store"}
-        (settings.data_dir / "train.json").write_bytes(SAMPLE.read_bytes())
-        config = {"max_steps": 100_000, "save_steps": 100_000, "per_device_train_batch_size": 2}
-        body = {"strategy": "lora", "dataset_path": "train.json", "output_dir": "outputs/full", "config": config}
-        r = client.post("/api/train/start", json=body)
-        assert r.status_code == 202, r.text
-        task_id = r.json()["task_id"]
-        deadline = time.monotonic() + 120
-        while client.get(f"/api/train/status/{task_id}").json()["current_step"] < 1:
-            assert time.monotonic() < deadline, "training never made a step"
-            time.sleep(0.2)
+        task_id, _ = train_until_first_step(client, settings, "outputs/full", max_steps=100_000)
         # The disk fills up under the running training: its next log line fails, and so does the task store's write
         # of that failure (a fresh store's WAL has no spare frames), which now takes the store's reserve.
         fill(tiny_disk)
@@ -239,16 +245,7 @@ def test_a_running_task_silent_past_stall_seconds_is_stalled(settings):
 def test_a_stopped_worker_shows_as_stalled_until_it_goes_on(settings):
     settings = settings.model_copy(update={"jobs": settings.jobs.model_copy(update={"stall_seconds": 3.0})})
     with TestClient(create_app(settings)) as client:
-        (settings.data_dir / "train.json").write_bytes(SAMPLE.read_bytes())
-        config = {"max_steps": 10, "save_steps": 100_000, "per_device_train_batch_size": 2}
-        body = {"strategy": "lora", "dataset_path": "train.json", "output_dir": "outputs/stall", "config": config}
-        r = client.post("/api/train/start", json=body)
-        assert r.status_code == 202, r.text
-        task_id = r.json()["task_id"]
-        deadline = time.monotonic() + 120
-        while (task := client.get(f"/api/train/status/{task_id}").json())["current_step"] < 1:
-            assert time.monotonic() < deadline, f"training never made a step: {task}"
-            time.sleep(0.1)
+        task_id, task = train_until_first_step(client, settings, "outputs/stall", max_steps=10)
         assert not task["stalled"] and task["stalled_seconds"] is None
         pid = client.app.state.store.get(task_id).pid
         os.kill(pid, signal.SIGSTOP)

@@ -9,11 +9,23 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "config.yaml"
 VERSION = "0.1.0"
+
+
+# What lives beside a SQLite store's file: its journals, the migration lock, the disk reserve (service/db.py)
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal", ".migrate.lock", "-reserve")
+
+
+def sqlite_file_of(url: str | URL) -> Path | None:
+    """The SQLite file a database URL names; None for PostgreSQL or an in-memory database."""
+    url = make_url(url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database)
 
 
 class ServerSettings(BaseModel):
@@ -181,10 +193,7 @@ class Settings(BaseSettings):
     @property
     def sqlite_path(self) -> Path | None:
         """The task store's SQLite file, wherever the URL points; None for PostgreSQL or an in-memory store."""
-        url = make_url(self.database_url)
-        if not url.drivername.startswith("sqlite") or not url.database or url.database == ":memory:":
-            return None
-        return Path(url.database)
+        return sqlite_file_of(self.database_url)
 
     @property
     def logs_dir(self) -> Path:
@@ -197,8 +206,7 @@ class Settings(BaseSettings):
         private = [self.logs_dir]
         db = self.sqlite_path
         if db is not None:
-            sides = ("-wal", "-shm", "-journal", ".migrate.lock", "-reserve")  # -reserve: service/db.py DiskReserve
-            private += [db, *(db.with_name(db.name + side) for side in sides)]
+            private += [db, *(db.with_name(db.name + side) for side in SQLITE_SIDE_FILES)]
         return private
 
     def base_model_path(self) -> Path:
